@@ -1,0 +1,149 @@
+"""Benchmark of ``fastkd.fused_linear_kd_loss`` (hidden states + lm_head weights in) against
+eager PyTorch (materialized logits + the loss), ``torch.compile`` of the same, and Liger-Kernel's
+fused linear JSD and chunked distillation losses.
+
+The floor is the bare GEMMs in the input dtype: the student's and the teacher's logits (fwd),
+the student's grad_hidden and grad_weight (bwd). DESIGN §2: 2·N·V·Ht + 6·N·V·Hs FLOPs."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from fastkd.bench.eager import eager_kd_loss
+from fastkd.bench.harness import Case, Runner, Unavailable
+
+import fastkd
+
+
+def _inputs(case: Case):
+    g = torch.Generator(device=case.device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        x = torch.randn(shape, generator=g, device=case.device, dtype=torch.float32) * scale
+        return x.to(case.torch_dtype)
+
+    h = randn(case.bt, case.hidden).requires_grad_(True)
+    w = randn(case.vocab, case.hidden, scale=case.hidden**-0.5).requires_grad_(True)
+    ht = randn(case.bt, case.teacher_hidden)
+    wt = randn(case.vocab, case.teacher_hidden, scale=case.teacher_hidden**-0.5)
+    y = torch.randint(0, case.vocab, (case.bt,), generator=g, device=case.device)
+    return h, w, ht, wt, y
+
+
+def _runner(case: Case, loss_fn) -> Runner:
+    h, w, ht, wt, y = _inputs(case)
+
+    def backward(loss):
+        loss.backward()
+        h.grad = w.grad = None
+
+    return Runner(lambda: loss_fn(h, w, ht, wt, y), backward)
+
+
+def _fastkd(case: Case, backend: str) -> Runner:
+    status = fastkd.backends()[backend]
+    if not status.available:
+        raise Unavailable(status.reason)
+    runs_on = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda", "reference": case.device}
+    if runs_on[backend] != case.device:
+        raise Unavailable(f"backend {backend} does not run on {case.device} tensors")
+    kw = dict(
+        temperature=case.temperature, alpha=case.alpha, divergence=case.divergence, backend=backend
+    )
+
+    def loss(h, w, ht, wt, y):
+        return fastkd.fused_linear_kd_loss(h, w, y, teacher_hidden=ht, teacher_weight=wt, **kw)
+
+    return _runner(case, loss)
+
+
+def _eager_loss(case: Case, h, w, ht, wt, y):
+    with torch.no_grad():
+        zt = ht @ wt.t()
+    return eager_kd_loss(
+        h @ w.t(), zt, y, temperature=case.temperature, alpha=case.alpha, divergence=case.divergence
+    )
+
+
+def _eager(case: Case, compiled: bool = False) -> Runner:
+    fn = functools.partial(_eager_loss, case)
+    return _runner(case, torch.compile(fn) if compiled else fn)
+
+
+def _liger(case: Case, chunked: bool) -> Runner:
+    if case.device != "cuda":
+        raise Unavailable("Liger-Kernel runs on CUDA only")
+    if case.divergence != "jsd":
+        raise Unavailable("Liger's fused linear distillation losses are JSD: use divergence=jsd")
+    try:
+        if chunked:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+            loss = LigerFusedLinearJSDLoss(
+                weight_hard_loss=case.alpha,
+                weight_soft_loss=1 - case.alpha,
+                beta=0.5,
+                temperature=case.temperature,
+            )
+
+            def fn(h, w, ht, wt, y):
+                return loss(h, w, ht, wt, y)
+        else:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            if case.alpha:
+                raise Unavailable("LigerFusedLinearJSD has no CE term: compare with alpha=0")
+            loss = LigerFusedLinearJSD(jsd_beta=0.5, temperature=case.temperature)
+
+            def fn(h, w, ht, wt, y):
+                return loss(h, w, ht, wt)
+    except ImportError as exc:
+        raise Unavailable(f"liger-kernel is not installed ({exc})") from exc
+    return _runner(case, fn)
+
+
+def _floor(case: Case) -> Runner:
+    h, w, ht, wt, _ = _inputs(case)
+    h, w = h.detach(), w.detach()
+    g = torch.randn(case.bt, case.vocab, device=case.device, dtype=case.torch_dtype)
+
+    def forward():
+        h @ w.t()
+        ht @ wt.t()
+
+    def backward(_):
+        g @ w
+        g.t() @ h
+
+    def full():
+        forward()
+        backward(None)
+
+    return Runner(forward, backward, full=full)
+
+
+def contenders(case: Case) -> dict:
+    found = {"floor": lambda: _floor(case)}
+    for backend in ("triton", "cuda", "cpu", "reference"):
+        found[f"fastkd-{backend}"] = functools.partial(_fastkd, case, backend)
+    found["eager"] = lambda: _eager(case)
+    found["compile"] = lambda: _eager(case, compiled=True)
+    found["liger-fused-linear-jsd"] = lambda: _liger(case, chunked=False)
+    found["liger-chunked-jsd"] = lambda: _liger(case, chunked=True)
+    return found
+
+
+def work(case: Case, mode: str) -> tuple[float, float]:
+    """(FLOPs, bytes) of the floor's GEMMs."""
+    nv = case.bt * case.vocab
+    flops = {
+        "fwd": 2.0 * nv * (case.hidden + case.teacher_hidden),
+        "bwd": 4.0 * nv * case.hidden,
+        "full": 2.0 * nv * case.teacher_hidden + 6.0 * nv * case.hidden,
+    }[mode]
+    return flops, 0.0
+
+
+CPU_SHAPES = [(4096, 32000, 64, 64), (16384, 32000, 64, 64)]
+GPU_SHAPES = [(bt, 128256, 2048, 4096) for bt in (1024, 4096, 8192)]

@@ -1,0 +1,37 @@
+"""The distillation loss as people write it by hand in PyTorch (materialized log-softmaxes):
+the eager contender, and what ``torch.compile`` is given."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastkd._options import resolve_options
+from fastkd.reference import kd_loss_rows
+
+
+def eager_kd_loss(
+    student_logits, teacher_logits, labels, *, temperature=2.0, alpha=0.5, divergence="kl", beta=0.5
+):
+    """``alpha * CE + (1 - alpha) * T^2 * D``, mean over tokens (no ignored labels)."""
+    t = temperature
+    lq = F.log_softmax(student_logits.float() / t, -1)
+    lp = F.log_softmax(teacher_logits.float() / t, -1)
+    if divergence == "kl":
+        d = F.kl_div(lq, lp, reduction="batchmean", log_target=True)
+    elif divergence == "reverse_kl":
+        d = F.kl_div(lp, lq, reduction="batchmean", log_target=True)
+    elif divergence == "jsd":  # TRL's generalized JSD
+        lm = torch.logsumexp(torch.stack([lq + math.log(1 - beta), lp + math.log(beta)]), 0)
+        d = beta * F.kl_div(lm, lp, reduction="batchmean", log_target=True) + (1 - beta) * F.kl_div(
+            lm, lq, reduction="batchmean", log_target=True
+        )
+    else:
+        opts = resolve_options(temperature=t, alpha=0.0, divergence=divergence, beta=beta)
+        d = kd_loss_rows(student_logits, teacher_logits, None, None, opts).mean() / (t * t)
+    loss = (1 - alpha) * t * t * d
+    if alpha:
+        loss = loss + alpha * F.cross_entropy(student_logits.float(), labels)
+    return loss

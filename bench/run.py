@@ -1,0 +1,98 @@
+"""The suite behind ``fastkd bench``: every op at the real shapes of the device (scaled down on
+the CPU), results as JSON under ``bench/results/<device>/`` and a plot beside them."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from fastkd.bench import plot
+from fastkd.bench.harness import MODES, Case, device_slug, op_module, run_case, write_results
+
+OPS = ("kd_loss", "fused_linear_kd_loss", "train_step")
+RESULTS = Path(__file__).parent / "results"
+QUICK_SHAPES = {
+    "kd_loss": [(256, 8192)],
+    "fused_linear_kd_loss": [(512, 8192, 64, 64)],
+    "train_step": [(256, 2048)],
+}
+
+
+def cases(op: str, device: str, dtype: str, quick: bool) -> list[Case]:
+    module = op_module(op)
+    shapes = (
+        QUICK_SHAPES[op]
+        if quick
+        else (module.GPU_SHAPES if device == "cuda" else module.CPU_SHAPES)
+    )
+    out = []
+    for shape in shapes:
+        bt, vocab, *hidden = shape
+        extra = dict(zip(("hidden", "teacher_hidden"), hidden))
+        # Liger's fused linear losses are JSD: compare the fused-linear op on JSD.
+        divergence = "jsd" if op == "fused_linear_kd_loss" else "kl"
+        out.append(
+            Case(
+                op=op,
+                bt=bt,
+                vocab=vocab,
+                dtype=dtype,
+                device=device,
+                divergence=divergence,
+                **extra,
+            )
+        )
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, no torch.compile, memory of full steps only",
+    )
+    parser.add_argument("--op", action="append", choices=OPS, help="ops to run (default: all)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results directory (default: bench/results/<device>)"
+    )
+    parser.add_argument("--skip", action="append", default=[], metavar="CONTENDER")
+    parser.add_argument("--no-memory", action="store_true")
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    out_dir = args.out or RESULTS / device_slug(args.device)
+    skip = tuple(args.skip) + (("compile",) if args.quick else ())
+    written = []
+    for op in args.op or OPS:
+        rows = []
+        for case in cases(op, args.device, dtype, args.quick):
+            start = time.time()
+            print(f"{op} {case.bt}x{case.vocab} {dtype} on {args.device} ...", flush=True)
+            memory = () if args.no_memory else ("full",) if args.quick else MODES
+            rows += run_case(
+                case,
+                memory_modes=memory,
+                skip=skip,
+                reps=3 if args.quick else 5,
+                min_seconds=0.1 if args.quick else 0.5,
+            )
+            print(plot.table([r for r in rows if r["bt"] == case.bt and r["vocab"] == case.vocab]))
+            print(f"  ({time.time() - start:.0f} s)")
+        path = out_dir / f"{op}{'-quick' if args.quick else ''}.json"
+        write_results(path, rows)
+        written.append(path)
+        written += plot.plot_file(path)
+    for path in written:
+        print(f"wrote {path}")
+    return written

@@ -1,0 +1,580 @@
+// CUDA kernels of fastkd::kd_loss_fwd and fastkd::kd_loss_bwd, and their launchers (kd_loss.h).
+// Contract and row math: fastkd/_ops.py; executable truth: fastkd/reference.py; the algorithm,
+// -inf guards and stats layout of the Triton kernels in kernels/kd_loss.py.
+//
+// One thread block per row (a grid-stride loop over rows). The threads stream the row in 16-byte
+// chunks (8 bf16/fp16 or 4 fp32 columns: one vector load per tensor); columns before the first
+// 16-byte boundary of the student row and after its last full chunk are read one by one. Each
+// thread keeps a running max and sum per softmax (rescaled only when its max grows), and one
+// block reduction merges them. jsd, tvd and the skew divergences then re-read the row at once
+// in the same block, while it is still in L2. Math is fp32; expf/logf are the accurate ones
+// (no fast-math), so results match the fp64 reference at fp32 rounding.
+//
+// No torch header here: nvcc compiles this file alone where torch has no CUDA (DESIGN.md §5).
+#include "cuda/kd_loss.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace fastkd::cuda {
+namespace {
+
+constexpr float kInf = INFINITY;
+constexpr float kNegInf = -INFINITY;
+// Threads per block, at most: two blocks (rows) per SM at <= 64 registers a thread, so one row's
+// reductions overlap the other's loads.
+constexpr int kMaxThreads = 512;
+constexpr int kMinBlocksPerSM = 2;
+
+// Element types: fp32 math whatever the dtype, gradients rounded to nearest even on the store.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <class T2>
+__device__ __forceinline__ T2 from_float2(float a, float b);
+template <>
+__device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat162>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+template <>
+__device__ __forceinline__ __half2 from_float2<__half2>(float a, float b) {
+  return __floats2half2_rn(a, b);
+}
+
+// One 16-byte load or store of kN columns (the pointer must be 16-byte aligned).
+template <class T>
+struct Vec {  // bf16, fp16: four packed pairs
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  static constexpr int kN = 8;
+  __device__ static void load(const T* p, float (&x)[kN]) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const T2* h = reinterpret_cast<const T2*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const float2 f = to_float2(h[i]);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static void store(T* p, const float (&x)[kN]) {
+    uint4 v;
+    T2* h = reinterpret_cast<T2*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) h[i] = from_float2<T2>(x[2 * i], x[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = v;
+  }
+};
+
+template <>
+struct Vec<float> {
+  static constexpr int kN = 4;
+  __device__ static void load(const float* p, float (&x)[kN]) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  }
+  __device__ static void store(float* p, const float (&x)[kN]) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+  }
+};
+
+// Columns of a row starting at p before its first 16-byte boundary.
+template <class T>
+__device__ __forceinline__ int aligned_head(const T* p, int ncols) {
+  const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(p) % 16);
+  return min(ncols, mis == 0 ? 0 : (16 - mis) / static_cast<int>(sizeof(T)));
+}
+
+template <class T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// This thread's share of columns [0, ncols): body(j) for the V-wide chunks from column h on
+// (adjacent threads take adjacent chunks: coalesced), single(j) for the columns before h and
+// after the last full chunk (fewer than 2V).
+template <int V, class Body, class Single>
+__device__ __forceinline__ void partition(int h, int ncols, Body&& body, Single&& single) {
+  const int nb = (ncols - h) / V;
+  for (int c = threadIdx.x; c < nb; c += blockDim.x) body(h + c * V);
+  const int tail = h + nb * V;
+  const int ns = h + ncols - tail;
+  for (int i = threadIdx.x; i < ns; i += blockDim.x) single(i < h ? i : tail + (i - h));
+}
+
+// logit_scale then softcap cap * tanh(x / cap), keeping -inf (a masked entry).
+__device__ __forceinline__ float transform(float z, float scale, float cap) {
+  const float x = z * scale;
+  return cap == 0.0f || x == kNegInf ? x : cap * tanhf(x / cap);
+}
+
+// d x / d z of transform, in terms of its output x (finite x only).
+__device__ __forceinline__ float dtransform(float x, float scale, float cap) {
+  if (cap == 0.0f) return scale;
+  const float r = x / cap;
+  return scale * (1.0f - r * r);
+}
+
+// Columns j .. j+N-1 of a row: x the transformed student logits, b = x_t / T for the teacher
+// columns < tlim and -inf past them.
+template <int N>
+struct Chunk {
+  int j;
+  float x[N];
+  float b[N];
+};
+
+template <class T, int N>
+__device__ __forceinline__ void load_student(const T* s, int j, const KDParams& a, float (&x)[N]) {
+  if constexpr (N == 1) {
+    x[0] = to_float(s[j]);
+  } else {
+    Vec<T>::load(s + j, x);
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) x[k] = transform(x[k], a.s_scale, a.s_cap);
+}
+
+template <class T, int N>
+__device__ __forceinline__ void load_teacher(const T* t, int j, int tlim, bool vec,
+                                             const KDParams& a, float (&b)[N]) {
+  bool done = false;
+  if constexpr (N > 1) {
+    if (vec && j + N <= tlim) {
+      Vec<T>::load(t + j, b);
+      done = true;
+    }
+  }
+  if (!done) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) b[k] = j + k < tlim ? to_float(t[j + k]) : kNegInf;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) b[k] = transform(b[k], a.t_scale, a.t_cap) * a.inv_t;
+}
+
+// Calls f(chunk) on this thread's columns of [0, ncols) of one row; h = aligned_head(s, .).
+// The teacher is read with vector loads where its row has the student row's alignment.
+template <class T, class F>
+__device__ __forceinline__ void for_chunks(const T* s, const T* t, int h, int ncols, int tlim,
+                                           const KDParams& a, F&& f) {
+  constexpr int V = Vec<T>::kN;
+  const bool t_vec = aligned16(t + h);
+  const auto visit = [&](int j, auto width) {
+    Chunk<decltype(width)::value> ch;
+    ch.j = j;
+    load_student<T>(s, j, a, ch.x);
+    load_teacher<T>(t, j, tlim, t_vec, a, ch.b);
+    f(ch);
+  };
+  partition<V>(
+      h, ncols, [&](int j) { visit(j, std::integral_constant<int, V>{}); },
+      [&](int j) { visit(j, std::integral_constant<int, 1>{}); });
+}
+
+// The width N of a Chunk<N>, from a (const) reference to it.
+template <class C>
+constexpr int width_of = std::extent_v<decltype(std::declval<C>().x)>;
+
+// acc * r, except that an infinite divergence stays infinite where r underflows to 0.
+__device__ __forceinline__ float rescale(float acc, float r) {
+  return fabsf(acc) == kInf ? acc : acc * r;
+}
+
+// Running max m and sum s of e^(x - ref()) over the values seen so far.
+struct Online {
+  float m = kNegInf;
+  float s = 0.0f;
+
+  // Raises the max to cover values whose max is mx; returns the factor the sums were scaled by.
+  __device__ float raise(float mx) {
+    if (!(mx > m)) return 1.0f;
+    const float r = expf(m - mx);
+    s *= r;
+    m = mx;
+    return r;
+  }
+  // Finite point the sums are relative to: an all -inf prefix keeps sum 0 without a NaN.
+  __device__ float ref() const { return m == kNegInf ? 0.0f : m; }
+};
+
+template <int K>
+struct Pack {
+  float v[K];
+};
+
+// Reduction of one Pack per thread with a commutative op; every thread gets the result.
+// blockDim.x is a power of two >= 64. Safe to call back to back (the two barriers order the
+// shared slots' reuse).
+template <int K, class Op>
+__device__ __forceinline__ Pack<K> block_allreduce(Pack<K> x, Op op) {
+  __shared__ Pack<K> partial[32];
+  __shared__ Pack<K> total;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  const auto warp_reduce = [&](int width) {
+    for (int o = width / 2; o > 0; o /= 2) {
+      Pack<K> y;
+#pragma unroll
+      for (int k = 0; k < K; ++k) y.v[k] = __shfl_xor_sync(0xffffffffu, x.v[k], o);
+      x = op(x, y);
+    }
+  };
+  warp_reduce(32);
+  if (lane == 0) partial[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = partial[lane % nwarps];
+    warp_reduce(nwarps);
+    if (lane == 0) total = x;
+  }
+  __syncthreads();
+  return total;
+}
+
+// log(e^(l1 + lw1) + e^(l2 + lw2)), -inf when both are -inf.
+__device__ __forceinline__ float log_mix(float l1, float l2, float lw1, float lw2) {
+  const float u = l1 + lw1, v = l2 + lw2;
+  const float hi = fmaxf(u, v), lo = fminf(u, v);
+  return hi == kNegInf ? kNegInf : hi + log1pf(expf(lo - hi));
+}
+
+// Weight of a row (0 for an ignored label) and its label.
+__device__ __forceinline__ float row_weight(const KDParams& a, int64_t row, int64_t& y) {
+  const float w = a.weights ? a.weights[row * a.w_stride] : 1.0f;
+  y = a.labels ? a.labels[row * a.l_stride] : 0;
+  return a.labels && y == a.ignore_index ? 0.0f : w;
+}
+
+// Forward: loss[row] and stats[row] = (lse(a), lse(b), lse(c), G) (fastkd/_ops.py table).
+template <class T, int kDiv>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+    kd_fwd_kernel(const KDParams a, float* __restrict__ loss, float* __restrict__ stats) {
+  for (int64_t row = blockIdx.x; row < a.n; row += gridDim.x) {
+    int64_t y;
+    const float w = row_weight(a, row, y);
+    float* st = stats + 4 * row;
+    if (w == 0.0f) {  // the row is not read
+      if (threadIdx.x == 0) {
+        loss[row] = 0.0f;
+        st[0] = st[1] = st[2] = st[3] = 0.0f;
+      }
+      continue;
+    }
+    const T* s = static_cast<const T*>(a.student) + row * a.s_stride;
+    const T* t = static_cast<const T*>(a.teacher) + row * a.t_stride;
+    const int tlim = a.has_kd ? min(a.vt, a.kv) : 0;
+    const int ncols = a.has_ce ? a.vs : (a.has_kd ? a.kv : 0);
+    const int h = aligned_head(s, ncols);
+
+    // Pass 1: online softmax of a = x_s / T and b = x_t / T over the KD columns and of c = x_s
+    // over all columns; acc is sum e^(b - ref_b) (b - a) for kl, e^(a - ref_a) (a - b) for
+    // reverse_kl.
+    Online A, B, C;
+    float acc = 0.0f;
+    for_chunks(s, t, h, ncols, tlim, a, [&](const auto& ch) {
+      constexpr int N = width_of<decltype(ch)>;
+      if (a.has_kd) {
+        float av[N];
+        float ma = kNegInf, mb = kNegInf;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          av[k] = ch.j + k < a.kv ? ch.x[k] * a.inv_t : kNegInf;
+          ma = fmaxf(ma, av[k]);
+          mb = fmaxf(mb, ch.b[k]);
+        }
+        const float ra = A.raise(ma), rb = B.raise(mb);
+        const float ref_a = A.ref(), ref_b = B.ref();
+        float sa = 0.0f, sb = 0.0f;
+        [[maybe_unused]] float part = 0.0f;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float ea = expf(av[k] - ref_a), eb = expf(ch.b[k] - ref_b);
+          sa += ea;
+          sb += eb;
+          if constexpr (kDiv == kKL) part += ch.b[k] > kNegInf ? eb * (ch.b[k] - av[k]) : 0.0f;
+          if constexpr (kDiv == kReverseKL) part += av[k] > kNegInf ? ea * (av[k] - ch.b[k]) : 0.0f;
+        }
+        A.s += sa;
+        B.s += sb;
+        if constexpr (kDiv == kKL || kDiv == kReverseKL) {
+          acc = rescale(acc, kDiv == kKL ? rb : ra) + part;
+        }
+      }
+      if (a.has_ce) {
+        float mc = kNegInf;
+#pragma unroll
+        for (int k = 0; k < N; ++k) mc = fmaxf(mc, ch.x[k]);
+        C.raise(mc);
+        const float ref_c = C.ref();
+        float sc = 0.0f;
+#pragma unroll
+        for (int k = 0; k < N; ++k) sc += expf(ch.x[k] - ref_c);
+        C.s += sc;
+      }
+    });
+
+    // Merge the threads' (max, sum) pairs: v = (mA, sA, mB, sB, mC, sC, acc).
+    const Pack<7> r = block_allreduce(
+        Pack<7>{{A.m, A.s, B.m, B.s, C.m, C.s, acc}}, [](Pack<7> x, const Pack<7>& o) {
+          float fx[3], fo[3];
+#pragma unroll
+          for (int i = 0; i < 3; ++i) {
+            const float m = fmaxf(x.v[2 * i], o.v[2 * i]);
+            const float ref = m == kNegInf ? 0.0f : m;
+            fx[i] = expf(x.v[2 * i] - ref);
+            fo[i] = expf(o.v[2 * i] - ref);
+            x.v[2 * i + 1] = x.v[2 * i + 1] * fx[i] + o.v[2 * i + 1] * fo[i];
+            x.v[2 * i] = m;
+          }
+          constexpr int i = kDiv == kKL ? 1 : 0;  // acc follows B for kl, A for reverse_kl
+          x.v[6] = rescale(x.v[6], fx[i]) + rescale(o.v[6], fo[i]);
+          return x;
+        });
+    const float m_a = r.v[0], s_a = r.v[1], m_b = r.v[2], s_b = r.v[3], m_c = r.v[4],
+                s_c = r.v[5];
+
+    float la = 0.0f, lb = 0.0f, lc = 0.0f, big_g = 0.0f, total = 0.0f;
+    if (a.has_kd) {
+      la = m_a + logf(s_a);
+      lb = m_b + logf(s_b);
+      float d;
+      // kl and reverse_kl from pass 1: lse(a) - lse(b) is taken as (m_a - m_b) + log(s_a / s_b),
+      // which keeps the cancellation of the two log-sum-exps at the rounding of the small result.
+      if constexpr (kDiv == kKL) {
+        d = r.v[6] / s_b + (m_a - m_b) + logf(s_a / s_b);
+      } else if constexpr (kDiv == kReverseKL) {
+        d = r.v[6] / s_a + (m_b - m_a) + logf(s_b / s_a);
+        big_g = d;
+      } else {
+        // Pass 2 over the KD columns, once the log-sum-exps are known: sd is sum p (lp - lm)
+        // (jsd, skew_kl), |p - q| (tvd), q (lq - lm) (skew_reverse_kl); sg is G.
+        float sd = 0.0f, sg = 0.0f;
+        for_chunks(s, t, aligned_head(s, a.kv), a.kv, tlim, a, [&](const auto& ch) {
+          constexpr int N = width_of<decltype(ch)>;
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            const float lq = ch.x[k] * a.inv_t - la, lp = ch.b[k] - lb;
+            const float q = expf(lq), p = expf(lp);
+            if constexpr (kDiv == kJSD) {
+              const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
+              sd += p > 0.0f ? p * (lp - lm) : 0.0f;
+              sg += q > 0.0f ? q * (lq - lm) : 0.0f;
+            } else if constexpr (kDiv == kTVD) {
+              sd += fabsf(p - q);
+              sg += q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f);
+            } else if constexpr (kDiv == kSkewKL) {  // q g = -(1 - l) q p / m
+              const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
+              sd += p > 0.0f ? p * (lp - lm) : 0.0f;
+              sg += q > 0.0f && p > 0.0f ? -(1.0f - a.mix) * expf(lq + lp - lm) : 0.0f;
+            } else {  // kSkewReverseKL: q g = q (lq - lm) - l q^2 / m
+              const float lm = log_mix(lq, lp, a.log_w1, a.log_w2);
+              const float tq = q > 0.0f ? q * (lq - lm) : 0.0f;
+              sd += tq;
+              sg += q > 0.0f ? tq - a.mix * expf(2.0f * lq - lm) : 0.0f;
+            }
+          }
+        });
+        const Pack<2> sums = block_allreduce(Pack<2>{{sd, sg}}, [](Pack<2> x, const Pack<2>& o) {
+          x.v[0] += o.v[0];
+          x.v[1] += o.v[1];
+          return x;
+        });
+        if constexpr (kDiv == kJSD) {
+          d = a.mix * sums.v[0] + (1.0f - a.mix) * sums.v[1];
+        } else if constexpr (kDiv == kTVD) {
+          d = 0.5f * sums.v[0];
+        } else {
+          d = sums.v[0];
+        }
+        big_g = sums.v[1];
+      }
+      total = a.kd_w * a.temp * a.temp * d;
+    }
+    if (a.has_ce) lc = m_c + logf(s_c);
+    if (threadIdx.x == 0) {
+      if (a.has_ce) {
+        // An out-of-range label gives NaN (the contract: no host check on the device).
+        const bool valid = y >= 0 && y < a.vs;
+        const float ce = valid ? lc - transform(to_float(s[y]), a.s_scale, a.s_cap) : NAN;
+        total += a.ce_w * ce;
+      }
+      loss[row] = w * total;
+      st[0] = la;
+      st[1] = lb;
+      st[2] = lc;
+      st[3] = big_g;
+    }
+  }
+}
+
+// dD/da_j of one KD column from lq = a_j - lse(a), lp = b_j - lse(b) and G (fastkd/_ops.py).
+template <int kDiv>
+__device__ __forceinline__ float kd_grad(float lq, float lp, float big_g, const KDParams& a) {
+  const float q = expf(lq), p = expf(lp);
+  if constexpr (kDiv == kKL) {
+    return q - p;
+  } else if constexpr (kDiv == kReverseKL) {
+    return q > 0.0f ? q * (lq - lp - big_g) : 0.0f;
+  } else if constexpr (kDiv == kJSD) {
+    const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
+    return (1.0f - a.mix) * (q > 0.0f ? q * (lq - lm - big_g) : 0.0f);
+  } else if constexpr (kDiv == kTVD) {
+    const float hq = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
+    return q * (hq - big_g);
+  } else if constexpr (kDiv == kSkewKL) {
+    const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
+    const float qg = q > 0.0f && p > 0.0f ? -(1.0f - a.mix) * expf(lq + lp - lm) : 0.0f;
+    return qg - q * big_g;
+  } else {  // kSkewReverseKL
+    const float lm = log_mix(lq, lp, a.log_w1, a.log_w2);
+    const float qg = q * (lq - lm) - a.mix * expf(2.0f * lq - lm);
+    return q > 0.0f ? qg - q * big_g : 0.0f;
+  }
+}
+
+template <class T, int N>
+__device__ __forceinline__ void store_chunk(T* g, int j, const float (&v)[N], bool vec) {
+  if constexpr (N > 1) {
+    if (vec) {
+      Vec<T>::store(g + j, v);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) g[j + k] = from_float<T>(v[k]);
+}
+
+// Backward: grad[row] = grad_loss[row] * d loss[row] / d student[row], one pass. grad may be the
+// student itself: every element is read (into its chunk) by the thread that later writes it.
+template <class T, int kDiv>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+    kd_bwd_kernel(const KDParams a, const float* __restrict__ stats,
+                  const float* __restrict__ grad_loss, int64_t gl_stride, T* grad,
+                  int64_t g_stride) {
+  constexpr int V = Vec<T>::kN;
+  for (int64_t row = blockIdx.x; row < a.n; row += gridDim.x) {
+    int64_t y;
+    const float w = row_weight(a, row, y);
+    T* g = grad + row * g_stride;
+    if (w == 0.0f) {  // zero gradient, the row is not read
+      const float zero[V] = {};
+      partition<V>(
+          aligned_head(g, a.vs), a.vs, [&](int j) { Vec<T>::store(g + j, zero); },
+          [&](int j) { g[j] = from_float<T>(0.0f); });
+      continue;
+    }
+    const T* s = static_cast<const T*>(a.student) + row * a.s_stride;
+    const T* t = static_cast<const T*>(a.teacher) + row * a.t_stride;
+    const float scale = w * grad_loss[row * gl_stride];
+    const float la = stats[4 * row], lb = stats[4 * row + 1], lc = stats[4 * row + 2],
+                big_g = stats[4 * row + 3];
+    const float kd_scale = scale * a.kd_w * a.temp, ce_scale = scale * a.ce_w;
+    const int tlim = a.has_kd ? min(a.vt, a.kv) : 0;
+    const int h = aligned_head(s, a.vs);
+    const bool g_vec = aligned16(g + h);
+    for_chunks(s, t, h, a.vs, tlim, a, [&](const auto& ch) {
+      constexpr int N = width_of<decltype(ch)>;
+      float out[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const int j = ch.j + k;
+        const float x = ch.x[k];
+        float gk = 0.0f;
+        if (a.has_kd && j < a.kv) {
+          gk = kd_scale * kd_grad<kDiv>(x * a.inv_t - la, ch.b[k] - lb, big_g, a);
+        }
+        if (a.has_ce) gk += ce_scale * (expf(x - lc) - (j == y ? 1.0f : 0.0f));
+        out[k] = x == kNegInf ? 0.0f : gk * dtransform(x, a.s_scale, a.s_cap);
+      }
+      store_chunk<T>(g, ch.j, out, g_vec);
+    });
+  }
+}
+
+// Threads per row: at least 64 columns per thread before the block grows.
+int threads_for(int vs) {
+  int threads = 128;
+  while (threads < kMaxThreads && threads * 64 < vs) threads *= 2;
+  return threads;
+}
+
+unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(n, INT32_MAX)); }
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}, integral_constant<int, divergence>{}) for the runtime dtype and divergence,
+// so every combination gets its own kernels with no branch on them inside.
+template <class T, class F>
+cudaError_t with_divergence(int div, F&& f) {
+  switch (div) {
+    case kKL: return f(Tag<T>{}, std::integral_constant<int, kKL>{});
+    case kReverseKL: return f(Tag<T>{}, std::integral_constant<int, kReverseKL>{});
+    case kJSD: return f(Tag<T>{}, std::integral_constant<int, kJSD>{});
+    case kTVD: return f(Tag<T>{}, std::integral_constant<int, kTVD>{});
+    case kSkewKL: return f(Tag<T>{}, std::integral_constant<int, kSkewKL>{});
+    case kSkewReverseKL: return f(Tag<T>{}, std::integral_constant<int, kSkewReverseKL>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <class F>
+cudaError_t with_kernel_types(Dtype dtype, int div, F&& f) {
+  switch (dtype) {
+    case Dtype::kFloat32: return with_divergence<float>(div, f);
+    case Dtype::kBFloat16: return with_divergence<__nv_bfloat16>(div, f);
+    case Dtype::kFloat16: return with_divergence<__half>(div, f);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t kd_loss_fwd_launch(const KDParams& p, Dtype dtype, float* loss, float* stats,
+                               cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  return with_kernel_types(dtype, p.divergence, [&](auto tag, auto div) {
+    using T = typename decltype(tag)::type;
+    kd_fwd_kernel<T, decltype(div)::value>
+        <<<grid_for(p.n), threads_for(p.vs), 0, stream>>>(p, loss, stats);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t kd_loss_bwd_launch(const KDParams& p, Dtype dtype, const float* stats,
+                               const float* grad_loss, int64_t gl_stride, void* grad,
+                               int64_t g_stride, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  return with_kernel_types(dtype, p.divergence, [&](auto tag, auto div) {
+    using T = typename decltype(tag)::type;
+    kd_bwd_kernel<T, decltype(div)::value><<<grid_for(p.n), threads_for(p.vs), 0, stream>>>(
+        p, stats, grad_loss, gl_stride, static_cast<T*>(grad), g_stride);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fastkd::cuda

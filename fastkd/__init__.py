@@ -1,0 +1,19 @@
+"""fastkd: fused knowledge-distillation losses for large-vocabulary language models.
+
+``alpha`` is always the weight of the hard-label cross-entropy and ``1 - alpha`` the weight of
+the T^2-scaled distillation term (see ``fastkd.kd_loss``).
+"""
+
+from fastkd.backends import BackendStatus, backends
+from fastkd.fused_linear_kd_loss import FusedLinearKDLoss, fused_linear_kd_loss
+from fastkd.kd_loss import KDLoss, kd_loss
+
+__all__ = [
+    "BackendStatus",
+    "FusedLinearKDLoss",
+    "KDLoss",
+    "backends",
+    "fused_linear_kd_loss",
+    "kd_loss",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,490 @@
+"""Fused linear KD loss: hidden states and lm_head weights in, the [N, V] logits of neither model
+ever materialized (DESIGN §2).
+
+Tokens are processed in chunks of ``c`` rows. Per chunk: the student's and the teacher's
+logits (fp32, whatever the input dtype, so the softmax is not fed rounded logits), the fused
+row kernel of ``kd_loss`` writing the gradient over the student chunk in place, then
+``grad_h[c] = g @ W_s`` and ``grad_W_s += g^T @ h_s[c]``. The chunk size comes from a memory
+budget, so the extra memory does not grow with N.
+
+For the scalar reductions the gradients are finished in the forward (the scale of each row is
+known: 1/sum(w) for ``mean``), and backward only multiplies them by grad_output. For
+``reduction="none"`` the per-row scale is only known in backward, which then recomputes the
+chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from fastkd import _inputs
+from fastkd._ops import kernel_ops
+from fastkd._options import KDOptions, check_reduction, resolve_options
+from fastkd.backends import select_backend
+from fastkd.kd_loss import validate_options
+from fastkd.reference import kd_loss_rows, transform_logits
+
+MiB = 1 << 20
+DEFAULT_MEMORY_BUDGET = {"cpu": 64 * MiB, "cuda": 2048 * MiB}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about one call that is not a tensor."""
+
+    opts: KDOptions
+    backend: str
+    reduction: str
+    chunk: int
+    kd_vocab: int
+    low_precision_gemm: bool  # bf16/fp16 GEMMs with fp32 output (CUDA) instead of upcasts
+    parts: bool  # also report the CE contribution (for logging)
+
+
+class KDLossParts(NamedTuple):
+    """A loss and its two contributions, ``loss = kd + ce`` (``kd`` and ``ce`` are detached
+    and already weighted: ``kd`` by ``1 - alpha`` and T^2, ``ce`` by ``alpha``)."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+def _gemm_f32(a: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """a @ b with an fp32 result: bf16/fp16 tensor-core GEMM with fp32 output on CUDA, fp32
+    math elsewhere."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if plan.low_precision_gemm and a.dtype == b.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _logits(h, weight, bias, plan: _Plan) -> torch.Tensor:
+    z = _gemm_f32(h, weight.t(), plan)
+    return z if bias is None else z.add_(bias)
+
+
+def _chunk_rows(zs, zt, labels, weights, plan: _Plan, grad_scale):
+    """Loss of each row of a chunk, and its CE contribution when ``plan.parts`` (else None).
+    With ``grad_scale`` [c], also overwrite ``zs`` with the gradient of
+    sum(grad_scale * loss) with respect to it."""
+    lse = None
+    if plan.backend == "reference":
+        if plan.parts:
+            with torch.no_grad():
+                x = transform_logits(zs, plan.opts.student_scale, plan.opts.student_softcap)
+                lse = torch.logsumexp(x, -1)
+        if grad_scale is None:
+            rows = kd_loss_rows(zs, zt, labels, weights, plan.opts)
+        else:
+            with torch.enable_grad():
+                z = zs.detach().requires_grad_(True)
+                rows = kd_loss_rows(z, zt, labels, weights, plan.opts)
+                (g,) = torch.autograd.grad(
+                    rows, z, grad_scale.to(rows.dtype), materialize_grads=True
+                )
+            rows = rows.detach()
+        ce = _ce_rows(zs, labels, weights, plan, lse) if plan.parts else None
+        if grad_scale is not None:
+            zs.copy_(g)
+        return rows, ce
+    ops = kernel_ops(plan.backend)
+    args = plan.opts.kernel_args(plan.kd_vocab)
+    loss, stats = ops.fwd(zs, zt, labels, weights, *args)
+    ce = _ce_rows(zs, labels, weights, plan, stats[:, 2]) if plan.parts else None
+    if grad_scale is not None:
+        ops.bwd(zs, zt, labels, weights, stats, grad_scale.contiguous(), *args, zs)
+    return loss, ce
+
+
+def _ce_rows(zs, labels, weights, plan: _Plan, lse):
+    """Weighted CE contribution of each row, from the chunk's logits and their log-sum-exp
+    at T = 1 (must run before the logits are overwritten by their gradient)."""
+    opts = plan.opts
+    if labels is None or not opts.ce_weight:
+        return None
+    live = labels != opts.ignore_index
+    target = torch.where(live, labels, 0)
+    x_y = transform_logits(
+        zs.gather(1, target[:, None]).squeeze(1), opts.student_scale, opts.student_softcap
+    )
+    w = live.to(lse.dtype) if weights is None else live * weights.to(lse.dtype)
+    return torch.where(w != 0, opts.ce_weight * w * (lse - x_y), 0.0)
+
+
+def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
+    """Run every chunk. Returns per-row losses and, when ``grad_scale`` [N] is given, the
+    gradients of sum(grad_scale * loss) for the student tensors flagged in ``needs``
+    (hidden, weight, bias), in their dtypes."""
+    h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights = tensors
+    n = h_s.shape[0]
+    ct = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    loss = h_s.new_empty(n, dtype=ct)
+    ce = h_s.new_zeros(n, dtype=ct)
+    want = grad_scale is not None
+    grad_h = torch.empty_like(h_s) if want and needs[0] else None
+    # Weight and bias gradients sum over chunks: accumulate in fp32, cast once at the end.
+    grad_w = torch.zeros(w_s.shape, dtype=ct, device=w_s.device) if want and needs[1] else None
+    grad_b = None
+    if want and needs[2] and b_s is not None:
+        grad_b = torch.zeros(b_s.shape, dtype=ct, device=b_s.device)
+    for start in range(0, n, plan.chunk):
+        rows = slice(start, min(start + plan.chunk, n))
+        hs = h_s[rows]
+        zs = _logits(hs, w_s, b_s, plan)
+        zt = z_t[rows].to(zs.dtype) if z_t is not None else _logits(h_t[rows], w_t, b_t, plan)
+        loss[rows], ce_rows = _chunk_rows(
+            zs,
+            zt,
+            None if labels is None else labels[rows],
+            None if weights is None else weights[rows],
+            plan,
+            None if grad_scale is None else grad_scale[rows],
+        )
+        if ce_rows is not None:
+            ce[rows] = ce_rows
+        if not want:
+            continue
+        g = zs  # now the gradient of the chunk's logits, fp32
+        g_gemm = g.to(hs.dtype) if plan.low_precision_gemm else g
+        if grad_h is not None:
+            grad_h[rows] = _gemm_f32(g_gemm, w_s, plan)
+        if grad_w is not None:
+            grad_w += _gemm_f32(g_gemm.t(), hs, plan)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    if grad_w is not None:
+        grad_w = grad_w.to(w_s.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(b_s.dtype)
+    return loss, ce, (grad_h, grad_w, grad_b)
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """Autograd of the chunked fused linear KD loss (every backend; the row kernel is the
+    backend's). Returns the loss reduced as ``plan.reduction`` says (per-row for ``none``)
+    and, not differentiable, its CE contribution reduced the same way."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights, plan: _Plan):
+        tensors = (h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights)
+        ctx.plan = plan
+        needs = ctx.needs_input_grad[:3]
+        # The logits must be fp32 GEMM outputs, also inside an autocast region.
+        with torch.autocast(h_s.device.type, enabled=False):
+            if plan.reduction == "none":
+                loss, ce, _ = _chunk_loop(plan, tensors, None, needs)
+                ctx.save_for_backward(*tensors)
+            else:
+                ct = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+                scale = _inputs.row_scale(
+                    plan.reduction,
+                    h_s.shape[0],
+                    labels,
+                    weights,
+                    plan.opts.ignore_index,
+                    ct,
+                    h_s.device,
+                )
+                grad_scale = scale.expand(h_s.shape[0]) if any(needs) else None
+                loss, ce, grads = _chunk_loop(plan, tensors, grad_scale, needs)
+                ctx.save_for_backward(*grads)
+                loss, ce = loss.sum() * scale, ce.sum() * scale
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_ce):
+        if ctx.plan.reduction == "none":
+            needs = ctx.needs_input_grad[:3]
+            with torch.autocast(grad_out.device.type, enabled=False):
+                _, _, grads = _chunk_loop(ctx.plan, ctx.saved_tensors, grad_out.float(), needs)
+        else:  # finished in forward for a grad_out of 1
+            grads = [None if g is None else g.mul_(grad_out) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    shift_labels: bool = False,
+    temperature: float = 2.0,
+    alpha: float | None = None,
+    kd_weight: float | None = None,
+    ce_weight: float | None = None,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weights: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    vocab: str | None = None,
+    backend: str | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | KDLossParts:
+    """KD loss of ``kd_loss`` computed from hidden states and lm_head weights, chunk by chunk,
+    so that neither model's [N, V] logits exist.
+
+    ``loss = alpha * CE + (1 - alpha) * T^2 * D(p_teacher || q_student)`` per token, exactly as
+    :func:`fastkd.kd_loss` on ``student_hidden @ student_weight.T (+ bias)`` and the teacher's
+    logits; every option of ``kd_loss`` means the same here (``alpha`` is the CE weight).
+
+    Args:
+        student_hidden: [N, Hs] or [B, S, Hs] final hidden states of the student.
+        student_weight: [V, Hs] student lm_head (may be tied to the input embedding).
+        labels: [N] or [B, S] target ids (``ignore_index`` where not counted).
+        teacher_hidden, teacher_weight, teacher_bias: the teacher as hidden states [.., Ht]
+            and head [Vt, Ht] (+ [Vt]); any width and float dtype.
+        teacher_logits: or the teacher as logits [N, Vt] / [B, S, Vt] (then no teacher head).
+        student_bias: optional [V] student lm_head bias.
+        chunk_size: token rows per chunk; default from ``memory_budget``.
+        memory_budget: bytes for one chunk's logits (student + teacher, fp32); default
+            64 MiB on CPU, 2 GiB on CUDA.
+        shift_labels: labels are at the input positions (transformers convention); the loss
+            at position t uses labels[t + 1], the last position of each sequence is ignored.
+        return_parts: return ``KDLossParts(loss, kd, ce)`` (detached parts, for logging).
+
+    Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``; the teacher
+    gets none and no teacher activation is kept. Logits are fp32 (bf16/fp16 GEMMs accumulate
+    and output in fp32 on CUDA), so low-precision inputs lose no accuracy in the softmax.
+
+    Returns:
+        The reduced loss in the dtype of ``student_hidden`` (per token for ``none``), or
+        ``KDLossParts`` with ``return_parts``.
+    """
+    opts = resolve_options(
+        temperature=temperature,
+        alpha=alpha,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        divergence=divergence,
+        beta=beta,
+        skew=skew,
+        ignore_index=ignore_index,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        vocab=vocab,
+    )
+    reduction = check_reduction(reduction)
+    h_s = _inputs.check_tensor("student_hidden", student_hidden)
+    w_s = _inputs.check_tensor("student_weight", student_weight)
+    _inputs.check_float("student_hidden", h_s)
+    _inputs.check_rows("student_hidden", h_s, "H")
+    _check_head("student", h_s, w_s, student_bias)
+    batch_shape = h_s.shape[:-1]
+    vs = w_s.shape[0]
+
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError(
+                "give the teacher either as teacher_logits or as teacher_hidden + "
+                "teacher_weight (+ teacher_bias), not both"
+            )
+        _check_teacher_rows("teacher_logits", teacher_logits, "Vt", h_s)
+        vt = teacher_logits.shape[-1]
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError(
+                "the teacher is missing: pass teacher_hidden and teacher_weight, or teacher_logits"
+            )
+        _check_teacher_rows("teacher_hidden", teacher_hidden, "Ht", h_s)
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        vt = teacher_weight.shape[0]
+    kd_vocab = opts.kd_vocab(vs, vt)
+
+    if shift_labels and labels is not None:
+        labels = _shift(labels, batch_shape, opts.ignore_index)
+    labels = _inputs.check_labels(
+        labels, batch_shape, h_s.device, vs, opts.ignore_index, opts.ce_weight
+    )
+    weights = _inputs.check_token_weights(token_weights, batch_shape, h_s.device)
+    chosen = select_backend(backend, h_s.device, h_s.dtype)
+    low_precision = h_s.device.type == "cuda" and h_s.dtype in (torch.bfloat16, torch.float16)
+    plan = _Plan(
+        opts=opts,
+        backend=chosen,
+        reduction=reduction,
+        chunk=_chunk(chunk_size, memory_budget, h_s, vs, vt, low_precision),
+        kd_vocab=kd_vocab,
+        low_precision_gemm=low_precision,
+        parts=return_parts,
+    )
+    flat = _inputs.rows_2d
+    loss, ce = FusedLinearKDFunction.apply(
+        flat(h_s),
+        w_s,
+        student_bias,
+        None if teacher_hidden is None else flat(teacher_hidden),
+        teacher_weight,
+        teacher_bias,
+        None if teacher_logits is None else flat(teacher_logits),
+        labels,
+        weights,
+        plan,
+    )
+    if reduction == "none":
+        loss, ce = loss.reshape(batch_shape), ce.reshape(batch_shape)
+    loss = loss.to(h_s.dtype)
+    if not return_parts:
+        return loss
+    ce = ce.to(h_s.dtype)
+    return KDLossParts(loss, loss.detach() - ce, ce)
+
+
+def _check_teacher_rows(name: str, t, what: str, h_s) -> None:
+    """A teacher tensor with one row per token of ``student_hidden``, on its device."""
+    _inputs.check_tensor(name, t)
+    _inputs.check_float(name, t)
+    _inputs.check_rows(name, t, what)
+    if t.device != h_s.device:
+        raise ValueError(f"{name} is on {t.device} but student_hidden is on {h_s.device}")
+    if t.shape[:-1] != h_s.shape[:-1]:
+        raise ValueError(
+            f"{name} shape {tuple(t.shape)} does not match student_hidden shape "
+            f"{tuple(h_s.shape)} in the token dimensions"
+        )
+
+
+def _check_head(who: str, hidden, weight, bias) -> None:
+    _inputs.check_tensor(f"{who}_weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{who}_weight must be [V, {hidden.shape[-1]}] to match {who}_hidden, "
+            f"got {tuple(weight.shape)}"
+        )
+    _inputs.check_same(f"{who}_weight", weight, f"{who}_hidden", hidden)
+    if bias is not None:
+        _inputs.check_tensor(f"{who}_bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{who}_bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+        _inputs.check_same(f"{who}_bias", bias, f"{who}_weight", weight)
+
+
+def _shift(labels, batch_shape, ignore_index):
+    """Causal shift: position t is scored against labels[t + 1]; the last position of each
+    sequence gets ignore_index."""
+    _inputs.check_tensor("labels", labels)
+    if labels.numel() != batch_shape.numel():
+        raise ValueError(
+            f"labels must have shape {tuple(batch_shape)} to match student_hidden, "
+            f"got {tuple(labels.shape)}"
+        )
+    labels = labels.reshape(batch_shape)
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[..., :-1] = labels[..., 1:]
+    return shifted
+
+
+def _chunk(chunk_size, memory_budget, h_s, vs, vt, low_precision) -> int:
+    n = max(1, h_s.shape[:-1].numel())
+    if chunk_size is not None:
+        if memory_budget is not None:
+            raise ValueError("give chunk_size or memory_budget, not both")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        return min(chunk_size, n)
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET.get(h_s.device.type, DEFAULT_MEMORY_BUDGET["cpu"])
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    # fp32 student and teacher logits, plus the low-precision copy of the gradient for GEMMs.
+    per_row = 4 * (vs + vt) + (2 * vs if low_precision else 0)
+    return max(1, min(n, memory_budget // per_row))
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_kd_loss`: options at construction, tensors in
+    ``forward``. ``alpha`` is the CE weight; ``1 - alpha`` weighs the T^2-scaled KD term."""
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 2.0,
+        alpha: float | None = None,
+        kd_weight: float | None = None,
+        ce_weight: float | None = None,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        skew: float = 0.1,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+        vocab: str | None = None,
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        shift_labels: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            temperature=temperature,
+            alpha=alpha,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            divergence=divergence,
+            beta=beta,
+            skew=skew,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+            vocab=vocab,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            shift_labels=shift_labels,
+            backend=backend,
+        )
+        validate_options(self.options)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_logits=teacher_logits,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            token_weights=token_weights,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)

@@ -1,0 +1,379 @@
+"""Training data: read records, train or load a tokenizer, pack tokens into fixed-size blocks.
+
+Conventions shared by everything here and by ``transformers``' causal LMs: ``labels`` has the
+same positions as ``input_ids`` (the model shifts them internally, so position t is scored on
+predicting ``labels[t + 1]``), and ``-100`` marks a position that is not a target.
+
+A record is ``{"text": str}`` (every token is a target) or ``{"prompt": str, "response": str}``
+(only the response is a target). Records are packed into one token stream with an eos token
+after each record, so a block can span records: the model is trained to end a record with eos
+and then start the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IGNORE_INDEX = -100
+END_OF_TEXT = "<|endoftext|>"
+RECORD_SUFFIXES = (".txt", ".jsonl")
+# Any one of these marks a directory as holding a tokenizer (fast, sentencepiece or BPE files).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+)
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
+
+Record = dict[str, str]
+
+
+def _check_record(obj: object, where: str) -> Record:
+    """Validate one record and return only its known fields; ``where`` prefixes every error."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    has_pair = "prompt" in obj or "response" in obj
+    if "text" in obj:
+        if has_pair:
+            raise ValueError(f"{where}: has both 'text' and 'prompt'/'response'; give one kind")
+        fields = ("text",)
+    elif has_pair:
+        fields = ("prompt", "response")
+    else:
+        raise ValueError(f"{where}: needs a 'text' field or 'prompt' and 'response' fields")
+    for name in fields:
+        if name not in obj:
+            raise ValueError(f"{where}: missing field '{name}'")
+        if not isinstance(obj[name], str):
+            raise ValueError(
+                f"{where}: field '{name}' must be a string, got {type(obj[name]).__name__}"
+            )
+    return {name: obj[name] for name in fields}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e})") from e
+
+
+def _read_file(path: Path) -> list[Record]:
+    if path.suffix == ".txt":
+        text = _read_text(path)
+        if not text.strip():
+            raise ValueError(f"{path}: empty file")
+        return [{"text": text}]
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: unsupported suffix; accepted: {', '.join(RECORD_SUFFIXES)}")
+    records = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        records.append(_check_record(obj, f"{path}:{lineno}"))
+    if not records:
+        raise ValueError(f"{path}: empty file (no records)")
+    return records
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Read training records from a file, or from every record file under a directory.
+
+    ``.txt``: the whole file is one ``{"text": ...}`` record. ``.jsonl``: one record per
+    non-empty line, either ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` (loss on
+    the response only); other keys on a line are ignored. A directory is read recursively:
+    its ``.txt`` and ``.jsonl`` files in sorted path order, hidden entries skipped.
+
+    Args:
+        path: a ``.txt`` or ``.jsonl`` file, or a directory of them.
+
+    Returns:
+        The records, each holding only the fields above.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unsupported suffix, a directory without record files, an empty file,
+            invalid UTF-8, or a bad line (invalid JSON, not an object, a missing or non-string
+            field); the message names the file and, for ``.jsonl``, the line number.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if not path.is_dir():
+        return _read_file(path)
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix in RECORD_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise ValueError(f"{path}: directory holds no {' or '.join(RECORD_SUFFIXES)} files")
+    return [record for file in files for record in _read_file(file)]
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory (never the hub) and make sure it can pack.
+
+    Args:
+        path: a directory written by ``save_pretrained`` (or holding a model's tokenizer files).
+
+    Returns:
+        The tokenizer, with ``pad_token`` set to ``eos_token`` when it had none.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+        ValueError: the directory holds no tokenizer, it fails to load, or it has no eos token
+            (packing needs one to separate records).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such tokenizer directory: {path}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} holds no tokenizer: expected one of {', '.join(_TOKENIZER_FILES)}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load the tokenizer in {path}: {e}") from e
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer in {path} has no eos token; packing needs one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) with the ``tokenizers`` library.
+
+    ``<|endoftext|>`` is the only special token (id 0) and serves as bos, eos and pad; no token
+    is added automatically when encoding. Every byte is in the base alphabet, so any text
+    encodes without unknown tokens. The same texts give the same tokenizer.
+
+    Args:
+        texts: training texts.
+        vocab_size: target vocabulary size, special token and 256 byte tokens included; a small
+            corpus may yield fewer tokens (``len(tokenizer)`` is the real size).
+
+    Returns:
+        A fast tokenizer that round-trips through ``save_pretrained`` and ``load_tokenizer``.
+    """
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be at least 257 (256 bytes + eos), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+    )
+
+
+def pack(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize records, join them with eos into one stream and cut it into blocks.
+
+    Text records: every token is a target. Prompt/response records: prompt tokens get label
+    -100, response tokens are targets (prompt and response are tokenized separately, so the
+    boundary is exact). An eos token follows every record and is a target. The tokenizer adds
+    no special tokens of its own (no bos); special-token strings written in the text are
+    encoded as those tokens, as ``transformers`` does by default. The ragged tail that does not
+    fill a block is dropped.
+
+    Args:
+        records: ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` dicts.
+        tokenizer: a tokenizer with an eos token.
+        block_size: tokens per block, at least 2.
+
+    Returns:
+        ``(input_ids, labels)``, both int64 ``[num_blocks, block_size]``; labels are in the
+        same positions as input_ids (the model shifts), -100 where not a target.
+
+    Raises:
+        ValueError: bad records, no eos token, ``block_size < 2``, or fewer tokens than one
+            block.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; packing needs one")
+    records = [_check_record(r, f"record {i}") for i, r in enumerate(records)]
+    # One batched call over every piece: the fast tokenizer encodes them in parallel.
+    pieces = [text for r in records for text in r.values()]
+    encoded = (
+        tokenizer(
+            pieces,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            verbose=False,  # long records are expected here; they are cut into blocks below
+        )["input_ids"]
+        if pieces
+        else []  # the tokenizer rejects an empty batch
+    )
+    ids: list[int] = []
+    labels: list[int] = []
+    tokens = iter(encoded)
+    for record in records:
+        if "prompt" in record:
+            prompt = next(tokens)
+            ids += prompt
+            labels += [IGNORE_INDEX] * len(prompt)
+        target = [*next(tokens), eos]
+        ids += target
+        labels += target
+    num_blocks = len(ids) // block_size
+    if num_blocks == 0:
+        raise ValueError(
+            f"not enough text for one block: {len(ids)} tokens (eos included) from "
+            f"{len(records)} record(s), block_size is {block_size}"
+        )
+    n = num_blocks * block_size
+    shape = (num_blocks, block_size)
+    return (
+        torch.tensor(ids[:n], dtype=torch.int64).view(shape),
+        torch.tensor(labels[:n], dtype=torch.int64).view(shape),
+    )
+
+
+def split_blocks(
+    input_ids: torch.Tensor, labels: torch.Tensor, eval_fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Hold out a random, reproducible subset of blocks for evaluation.
+
+    ``round(num_blocks * eval_fraction)`` blocks, clamped so each side gets at least one, are
+    drawn by a permutation seeded with ``seed``; each side keeps the original block order.
+
+    Args:
+        input_ids: ``[num_blocks, block_size]``.
+        labels: same shape as ``input_ids``.
+        eval_fraction: share of blocks held out, in (0, 1).
+        seed: seed of the permutation.
+
+    Returns:
+        ``((train_ids, train_labels), (eval_ids, eval_labels))``.
+    """
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and labels must be [num_blocks, block_size] of one shape, got "
+            f"{tuple(input_ids.shape)} and {tuple(labels.shape)}"
+        )
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    n = input_ids.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 blocks to split into train and eval, got {n}")
+    n_eval = min(max(round(n * eval_fraction), 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    eval_idx = perm[:n_eval].sort().values
+    train_idx = perm[n_eval:].sort().values
+    return (input_ids[train_idx], labels[train_idx]), (input_ids[eval_idx], labels[eval_idx])
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed blocks as ``transformers.Trainer`` items.
+
+    Each item is ``{"input_ids", "attention_mask", "labels"}``, int64 ``[block_size]``; the
+    attention mask is all ones (blocks are full), labels are in the same positions as
+    input_ids with -100 where not a target. Batches with ``default_data_collator``.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and labels must be [num_blocks, block_size] of one shape, got "
+                f"{tuple(input_ids.shape)} and {tuple(labels.shape)}"
+            )
+        self.input_ids = input_ids
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
+
+
+def load_dataset(
+    path: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    eval_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[BlockDataset, BlockDataset]:
+    """Read, pack and split: ``read_records`` -> ``pack`` -> ``split_blocks``.
+
+    Returns:
+        ``(train, eval)`` datasets of packed blocks.
+    """
+    input_ids, labels = pack(read_records(path), tokenizer, block_size)
+    train, held_out = split_blocks(input_ids, labels, eval_fraction, seed)
+    return BlockDataset(*train), BlockDataset(*held_out)
+
+
+def _stdlib_sources(root: Path) -> Iterable[Path]:
+    """The ``.py`` files under ``root`` in sorted order, test and third-party dirs pruned."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Sorting in place fixes the order os.walk descends in.
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath, name)
+
+
+def stdlib_corpus(max_bytes: int) -> str:
+    """Text available offline on every machine: the Python standard library's own sources.
+
+    The ``.py`` files of the running interpreter's stdlib (``sysconfig``'s ``stdlib`` path),
+    in sorted path order, test directories and site-packages skipped, non-UTF-8 files skipped,
+    joined with a blank line and cut at ``max_bytes`` UTF-8 bytes (never inside a character).
+    The same Python installation always gives the same text; another Python version gives
+    other text. The whole stdlib is about 12 MB (Python 3.11), an upper bound on the size.
+
+    Args:
+        max_bytes: size limit of the UTF-8 encoded result.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    parts: list[bytes] = []
+    size = 0
+    for file in _stdlib_sources(Path(sysconfig.get_paths()["stdlib"])):
+        data = file.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        parts.append(data)
+        size += len(data) + 2
+        if size >= max_bytes:
+            break
+    # The cut may split a multi-byte character; "ignore" drops only that partial character.
+    return b"\n\n".join(parts)[:max_bytes].decode("utf-8", errors="ignore")
