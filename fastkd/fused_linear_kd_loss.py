@@ -53,19 +53,30 @@ class KDLossParts(NamedTuple):
     ce: torch.Tensor
 
 
-def _gemm_f32(a: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """a @ b with an fp32 result: bf16/fp16 tensor-core GEMM with fp32 output on CUDA, fp32
-    math elsewhere."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if plan.low_precision_gemm and a.dtype == b.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+class _Gemms:
+    """The GEMMs of one call, with fp32 results (fp64 for fp64 inputs) whatever the input
+    dtype: on CUDA, bf16/fp16 tensor-core GEMMs that accumulate and output in fp32; elsewhere
+    fp32 math on operands upcast once per call (the weights) or per chunk (the hidden rows)."""
 
+    def __init__(self, plan: _Plan, dtype: torch.dtype) -> None:
+        self.low = plan.low_precision_gemm
+        self.ct = torch.float64 if dtype == torch.float64 else torch.float32
 
-def _logits(h, weight, bias, plan: _Plan) -> torch.Tensor:
-    z = _gemm_f32(h, weight.t(), plan)
-    return z if bias is None else z.add_(bias)
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.low else x.to(self.ct)
+
+    def into(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = a @ b (``out`` in the compute dtype)."""
+        if self.low:
+            return torch.mm(a, b, out_dtype=self.ct, out=out)
+        return torch.mm(a, b, out=out)
+
+    def accumulate(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """acc += a @ b, ``acc`` in the compute dtype."""
+        if self.low:
+            torch.addmm(acc, a, b, out_dtype=self.ct, out=acc)
+        else:
+            acc.addmm_(a, b)
 
 
 def _chunk_rows(zs, zt, labels, weights, plan: _Plan, grad_scale):
@@ -117,12 +128,20 @@ def _ce_rows(zs, labels, weights, plan: _Plan, lse):
 
 
 def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
-    """Run every chunk. Returns per-row losses and, when ``grad_scale`` [N] is given, the
-    gradients of sum(grad_scale * loss) for the student tensors flagged in ``needs``
-    (hidden, weight, bias), in their dtypes."""
+    """Run every chunk. Returns per-row losses, their CE contributions and, when
+    ``grad_scale`` [N] is given, the gradients of sum(grad_scale * loss) for the student
+    tensors flagged in ``needs`` (hidden, weight, bias), in their dtypes. The chunk's logits
+    live in two buffers allocated once: the extra memory is one chunk, whatever N."""
     h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights = tensors
     n = h_s.shape[0]
-    ct = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    gemm = _Gemms(plan, h_s.dtype)
+    ct = gemm.ct
+    ws = gemm.operand(w_s)
+    wt = None if w_t is None else gemm.operand(w_t)
+    rows_max = min(plan.chunk, n)
+    zs_buf = h_s.new_empty((rows_max, w_s.shape[0]), dtype=ct)
+    vt = z_t.shape[1] if z_t is not None else w_t.shape[0]
+    zt_buf = h_s.new_empty((rows_max, vt), dtype=ct)
     loss = h_s.new_empty(n, dtype=ct)
     ce = h_s.new_zeros(n, dtype=ct)
     want = grad_scale is not None
@@ -134,9 +153,17 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
         grad_b = torch.zeros(b_s.shape, dtype=ct, device=b_s.device)
     for start in range(0, n, plan.chunk):
         rows = slice(start, min(start + plan.chunk, n))
-        hs = h_s[rows]
-        zs = _logits(hs, w_s, b_s, plan)
-        zt = z_t[rows].to(zs.dtype) if z_t is not None else _logits(h_t[rows], w_t, b_t, plan)
+        hs = gemm.operand(h_s[rows])
+        zs = gemm.into(hs, ws.t(), zs_buf[: rows.stop - start])
+        if b_s is not None:
+            zs.add_(b_s)
+        zt = zt_buf[: rows.stop - start]
+        if z_t is not None:
+            zt.copy_(z_t[rows])
+        else:
+            gemm.into(gemm.operand(h_t[rows]), wt.t(), zt)
+            if b_t is not None:
+                zt.add_(b_t)
         loss[rows], ce_rows = _chunk_rows(
             zs,
             zt,
@@ -149,12 +176,12 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
             ce[rows] = ce_rows
         if not want:
             continue
-        g = zs  # now the gradient of the chunk's logits, fp32
-        g_gemm = g.to(hs.dtype) if plan.low_precision_gemm else g
+        g = zs  # now the gradient of the chunk's logits, in the compute dtype
+        g_gemm = g.to(h_s.dtype) if gemm.low else g
         if grad_h is not None:
-            grad_h[rows] = _gemm_f32(g_gemm, w_s, plan)
+            grad_h[rows] = torch.mm(g_gemm, ws)
         if grad_w is not None:
-            grad_w += _gemm_f32(g_gemm.t(), hs, plan)
+            gemm.accumulate(grad_w, g_gemm.t(), hs)
         if grad_b is not None:
             grad_b += g.sum(0)
     if grad_w is not None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from conftest import assert_close, device_for, kernel_backends
 
 import fastkd
+from fastkd.memory import peak_memory_bytes
 
 BACKENDS = [pytest.param("reference", id="reference"), *kernel_backends()]
 DIVERGENCES = ["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
@@ -313,10 +310,9 @@ def test_bad_student_input():
         fastkd.fused_linear_kd_loss(H, W, Y + 1000, teacher_logits=torch.randn(6, 50))
 
 
-MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import sys, resource, torch, fastkd
-    n, v, h = int(sys.argv[1]), 32000, 64
+MEMORY_SETUP = """
+    import torch, fastkd
+    n, v, h = {n}, 32000, 64
     torch.manual_seed(0)
     hs = torch.randn(n, h, requires_grad=True)
     ws = (torch.randn(v, h) * 0.1).requires_grad_(True)
@@ -325,31 +321,19 @@ MEMORY_SCRIPT = textwrap.dedent(
     def run(k):
         fastkd.fused_linear_kd_loss(hs[:k], ws, y[:k], teacher_hidden=ht[:k], teacher_weight=wt,
                                     backend="cpu").backward()
-    run(64)  # load kernels, start the thread pool
-    hs.grad = ws.grad = None
-    page = resource.getpagesize()
-    rss = int(open("/proc/self/statm").read().split()[1]) * page
-    run(n)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(0, peak - rss))
-    """
-)
+        hs.grad = ws.grad = None
+    run(64)  # load the kernels, start the thread pool
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not fastkd.backends()["cpu"].available, reason="C++ backend not built")
 def test_cpu_extra_memory_is_bounded_and_independent_of_n():
-    """Process peak RSS over the inputs, for fwd + bwd: far below one [N, V] fp32 tensor, and
-    the same at N=4096 and N=16384 (it does not grow with N)."""
+    """Peak memory of fwd + bwd beyond the inputs (fresh process, peak resident set): far
+    below one [N, V] fp32 tensor at N=4096 and N=16384, and the same at both."""
     extra = {}
     for n in (4096, 16384):
-        out = subprocess.run(
-            [sys.executable, "-c", MEMORY_SCRIPT, str(n)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        extra[n] = int(out.stdout.split()[-1])
+        extra[n] = peak_memory_bytes(MEMORY_SETUP.format(n=n), f"run({n})")
         full = n * 32000 * 4
         assert extra[n] < full / 4, f"N={n}: {extra[n] / 2**20:.0f} MiB extra"
     # What grows with N is grad_hidden (N x 64 fp32) and the labels: a few MiB.
