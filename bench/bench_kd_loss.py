@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from fastkd.bench.eager import eager_kd_loss
-from fastkd.bench.harness import Case, Runner, Unavailable
 
 import fastkd
+from fastkd.bench.eager import eager_kd_loss
+from fastkd.bench.harness import Case, Runner, Unavailable
 
 
 def _inputs(case: Case):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import transformers
+
 from fastkd.bench.eager import eager_kd_loss
 from fastkd.bench.harness import Case, Runner
-
 from fastkd.training import DistillConfig, Distiller
 from fastkd.training.demo import DEFAULT
 

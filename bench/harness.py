@@ -81,6 +81,17 @@ class Runner:
             self.backward(self.forward())
 
 
+def require_memory(case: Case, nbytes: float, what: str) -> None:
+    """Raise Unavailable when ``what`` would need more memory than the device has free: an
+    out-of-memory kill would end the whole run, not just this contender."""
+    if case.device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > 0.8 * free:
+        raise Unavailable(f"{what} needs ~{nbytes / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
+
+
 def op_module(op: str):
     return importlib.import_module(f"fastkd.bench.bench_{op}")
 

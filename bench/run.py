@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from fastkd.bench import plot
 from fastkd.bench.harness import MODES, Case, device_slug, op_module, run_case, write_results
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastkd.bench.harness import Unavailable, op_module, runner_for
 from fastkd.bench.run import OPS, cases
 

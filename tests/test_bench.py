@@ -1,0 +1,51 @@
+"""The benchmark suite's tiny version (what CI runs): every op, JSON rows and plots written,
+every contender either measured or unavailable with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastkd.bench.harness import Case, runner_for
+from fastkd.bench.run import run
+from fastkd.cli import build_parser
+
+
+@pytest.mark.slow
+def test_quick_suite(tmp_path):
+    args = build_parser().parse_args(
+        ["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    written = run(args)
+    for op in ("kd_loss", "fused_linear_kd_loss", "train_step"):
+        path = tmp_path / f"{op}-quick.json"
+        assert path in written and path.with_name(f"{op}-quick-full.png") in written
+        data = json.loads(path.read_text())
+        assert data["environment"]["torch"] and data["environment"]["cpu"]
+        rows = {(r["contender"], r["mode"]): r for r in data["rows"]}
+        for row in data["rows"]:
+            assert row["status"] in ("ok", "unavailable"), row
+            assert row["status"] == "ok" or row["reason"]
+        floor = rows[("floor", "full")]
+        assert floor["ratio_to_floor"] == pytest.approx(1.0)
+        fastkd_name = "fastkd" if op == "train_step" else "fastkd-cpu"
+        ours, eager = rows[(fastkd_name, "full")], rows[("eager", "full")]
+        for r in (ours, eager):
+            assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0 and r["ratio_to_floor"] > 0
+        assert ("compile", "full") not in rows  # --quick skips torch.compile
+
+
+def test_contenders_compute_the_same_loss():
+    """Every contender of a loss op computes the same number (the benchmark compares like with
+    like)."""
+    for op, extra in (
+        ("kd_loss", {}),
+        ("fused_linear_kd_loss", {"hidden": 16, "teacher_hidden": 24}),
+    ):
+        case = Case(op=op, bt=64, vocab=512, divergence="jsd" if extra else "kl", **extra)
+        values = {}
+        for name in ("fastkd-cpu", "fastkd-reference", "eager"):
+            values[name] = float(runner_for(case, name).forward().detach())
+        ref = values["fastkd-reference"]
+        assert all(abs(v - ref) < 1e-4 * abs(ref) for v in values.values()), (op, values)
