@@ -13,7 +13,7 @@ import torch
 
 import fastkd
 from fastkd.bench.eager import eager_kd_loss
-from fastkd.bench.harness import Case, Runner, Unavailable, require_memory
+from fastkd.bench.harness import Case, Runner, Unavailable, require_backend, require_memory
 
 # Peak memory of the eager loss (and of torch.compile's) in units of one [N, V] fp32 tensor,
 # measured at 4096 x 32000 on the CPU with JSD (6500 and 4500 MiB for 500 MiB).
@@ -46,12 +46,7 @@ def _runner(case: Case, loss_fn) -> Runner:
 
 
 def _fastkd(case: Case, backend: str) -> Runner:
-    status = fastkd.backends()[backend]
-    if not status.available:
-        raise Unavailable(status.reason)
-    runs_on = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda", "reference": case.device}
-    if runs_on[backend] != case.device:
-        raise Unavailable(f"backend {backend} does not run on {case.device} tensors")
+    require_backend(case, backend)
     kw = dict(
         temperature=case.temperature, alpha=case.alpha, divergence=case.divergence, backend=backend
     )

@@ -13,7 +13,7 @@ import torch
 
 import fastkd
 from fastkd.bench.eager import eager_kd_loss
-from fastkd.bench.harness import Case, Runner, Unavailable
+from fastkd.bench.harness import Case, Runner, Unavailable, require_backend
 
 
 def _inputs(case: Case):
@@ -39,12 +39,7 @@ def _loss_runner(case: Case, loss_fn) -> Runner:
 
 
 def _fastkd(case: Case, backend: str) -> Runner:
-    status = fastkd.backends()[backend]
-    if not status.available:
-        raise Unavailable(status.reason)
-    runs_on = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda", "reference": case.device}
-    if runs_on[backend] != case.device:
-        raise Unavailable(f"backend {backend} does not run on {case.device} tensors")
+    require_backend(case, backend)
     kw = dict(temperature=case.temperature, alpha=case.alpha, divergence=case.divergence)
     return _loss_runner(case, lambda s, t, y: fastkd.kd_loss(s, t, y, backend=backend, **kw))
 

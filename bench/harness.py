@@ -81,6 +81,16 @@ class Runner:
             self.backward(self.forward())
 
 
+def require_backend(case: Case, backend: str) -> None:
+    """Raise Unavailable unless the fastkd ``backend`` runs the case's tensors here."""
+    from fastkd.backends import select_backend
+
+    try:
+        select_backend(backend, torch.device(case.device), case.torch_dtype)
+    except (RuntimeError, TypeError) as exc:
+        raise Unavailable(str(exc)) from exc
+
+
 def require_memory(case: Case, nbytes: float, what: str) -> None:
     """Raise Unavailable when ``what`` would need more memory than the device has free: an
     out-of-memory kill would end the whole run, not just this contender."""

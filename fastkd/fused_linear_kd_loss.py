@@ -24,7 +24,7 @@ from fastkd import _inputs
 from fastkd._ops import kernel_ops
 from fastkd._options import KDOptions, check_reduction, resolve_options
 from fastkd.backends import select_backend
-from fastkd.kd_loss import validate_options
+from fastkd.kd_loss import LossModule
 from fastkd.reference import kd_loss_rows, transform_logits
 
 MiB = 1 << 20
@@ -438,7 +438,7 @@ def _chunk(chunk_size, memory_budget, h_s, vs, vt, low_precision) -> int:
     return max(1, min(n, memory_budget // per_row))
 
 
-class FusedLinearKDLoss(torch.nn.Module):
+class FusedLinearKDLoss(LossModule):
     """Module form of :func:`fused_linear_kd_loss`: options at construction, tensors in
     ``forward``. ``alpha`` is the CE weight; ``1 - alpha`` weighs the T^2-scaled KD term."""
 
@@ -464,28 +464,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         shift_labels: bool = False,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        self.options = dict(
-            temperature=temperature,
-            alpha=alpha,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-            divergence=divergence,
-            beta=beta,
-            skew=skew,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap,
-            teacher_softcap=teacher_softcap,
-            vocab=vocab,
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            shift_labels=shift_labels,
-            backend=backend,
-        )
-        validate_options(self.options)
+        super().__init__(locals())
 
     def forward(
         self,
@@ -512,6 +491,3 @@ class FusedLinearKDLoss(torch.nn.Module):
             token_weights=token_weights,
             **self.options,
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)

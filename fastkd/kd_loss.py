@@ -7,7 +7,7 @@ import torch
 from fastkd import _inputs
 from fastkd._ops import kernel_ops
 from fastkd._options import KDOptions, check_reduction, resolve_options
-from fastkd.backends import select_backend
+from fastkd.backends import BACKENDS, select_backend
 from fastkd.reference import ReferenceKDFunction
 
 
@@ -185,10 +185,11 @@ def kd_loss(
     return loss.to(student.dtype)
 
 
-def validate_options(options: dict) -> None:
-    """Check a module's loss options at construction, so a bad configuration fails there and
-    not at the first batch."""
-    not_scalar = (
+class LossModule(torch.nn.Module):
+    """Base of the loss modules: options given at construction and checked there, so a bad
+    configuration fails at once and not at the first batch; tensors in ``forward``."""
+
+    NOT_SCALAR = (
         "reduction",
         "inplace_grad",
         "backend",
@@ -196,11 +197,21 @@ def validate_options(options: dict) -> None:
         "memory_budget",
         "shift_labels",
     )
-    resolve_options(**{k: v for k, v in options.items() if k not in not_scalar})
-    check_reduction(options["reduction"])
+
+    def __init__(self, arguments: dict) -> None:
+        super().__init__()
+        self.options = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+        resolve_options(**{k: v for k, v in self.options.items() if k not in self.NOT_SCALAR})
+        check_reduction(self.options["reduction"])
+        backend = self.options["backend"]
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
 
 
-class KDLoss(torch.nn.Module):
+class KDLoss(LossModule):
     """Module form of :func:`kd_loss`: options at construction, tensors in ``forward``.
 
     ``alpha`` is the hard-label CE weight (default 0.5); ``1 - alpha`` weighs the T^2-scaled
@@ -230,26 +241,7 @@ class KDLoss(torch.nn.Module):
         inplace_grad: bool = False,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        self.options = dict(
-            temperature=temperature,
-            alpha=alpha,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-            divergence=divergence,
-            beta=beta,
-            skew=skew,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_softcap,
-            teacher_softcap=teacher_softcap,
-            vocab=vocab,
-            inplace_grad=inplace_grad,
-            backend=backend,
-        )
-        validate_options(self.options)
+        super().__init__(locals())
 
     def forward(
         self,
@@ -261,6 +253,3 @@ class KDLoss(torch.nn.Module):
         return kd_loss(
             student_logits, teacher_logits, labels, token_weights=token_weights, **self.options
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)

@@ -471,6 +471,7 @@ S, T, Y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 3, -100])
         (lambda: fastkd.kd_loss(S, T, Y, ignore_index=1.5), TypeError, "ignore_index"),
         (lambda: fastkd.KDLoss(temperature=0), ValueError, "temperature"),
         (lambda: fastkd.KDLoss(reduction="max"), ValueError, "reduction"),
+        (lambda: fastkd.KDLoss(backend="fast"), ValueError, "backend"),
     ],
 )
 def test_bad_input(call, error, match):

@@ -276,9 +276,11 @@ def run_demo(
 
 
 def fastkd_backend() -> str:
+    """The backend the distillation ran on (the Trainer trains on the GPU when there is one)."""
     from fastkd.backends import select_backend
 
-    return select_backend(None, torch.device("cpu"), torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return select_backend(None, device, torch.float32)
 
 
 def print_table(report: dict) -> None:

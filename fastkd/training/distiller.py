@@ -141,6 +141,18 @@ class Distiller(nn.Module):
         self._head_cache: dict = {}
 
     @property
+    def active_parts(self) -> tuple[str, ...]:
+        """The loss parts this configuration can make non-zero (the ones worth logging)."""
+        cfg = self.distill_config
+        on = {
+            "kd": cfg.alpha < 1,
+            "ce": cfg.alpha > 0,
+            "feature": bool(self.feature_layers),
+            "attention": self.attention,
+        }
+        return tuple(name for name in DISTILL_PARTS if on[name])
+
+    @property
     def config(self):
         """The student's model config: the Trainer reads and aligns it as the model's."""
         return self.student.config

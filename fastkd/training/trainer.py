@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 import transformers
 
-from fastkd.training.distiller import DISTILL_PARTS, Distiller
+from fastkd.training.distiller import Distiller
 
 
 class _EMAUpdate(transformers.TrainerCallback):
@@ -25,8 +25,9 @@ class _EMAUpdate(transformers.TrainerCallback):
 
 class DistillationTrainer(transformers.Trainer):
     """A Trainer whose model is a ``Distiller``: the student (and any feature projections) is
-    trained, the teachers are not. Each loss part (kd, ce, feature, attention) is logged as
-    ``loss_<part>``, averaged over the logging interval on each process.
+    trained, the teachers are not. Each active loss part (kd, ce, feature, attention: see
+    ``Distiller.active_parts``) is logged as ``loss_<part>``, averaged over the logging
+    interval on each process.
 
     ``save_model`` / checkpoints write the student with ``save_pretrained`` (plus the tokenizer
     given as ``processing_class``, the projections and the distillation config), so an output
@@ -45,7 +46,7 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs)
         if model.training:
-            for name in DISTILL_PARTS:
+            for name in self.distiller.active_parts:
                 self._parts[name].append(getattr(out, name))
         return (out.loss, out) if return_outputs else out.loss
 
