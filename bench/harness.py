@@ -82,9 +82,12 @@ class Runner:
 
 
 def require_backend(case: Case, backend: str) -> None:
-    """Raise Unavailable unless the fastkd ``backend`` runs the case's tensors here."""
+    """Raise Unavailable unless the fastkd ``backend`` runs the case's tensors here, compiled:
+    Triton's interpreter (which runs CPU tensors in tests) is not a contender."""
     from fastkd.backends import select_backend
 
+    if backend == "triton" and case.device != "cuda":
+        raise Unavailable("Triton kernels run compiled on CUDA tensors only")
     try:
         select_backend(backend, torch.device(case.device), case.torch_dtype)
     except (RuntimeError, TypeError) as exc:
