@@ -10,7 +10,8 @@ and Triton (``fastkd::triton_kd_loss_*``) implementations:
     and ``w_i = 0`` where ``labels[i] == ignore_index``. ``stats[i] = (lse(z_s/T), lse(z_t/T),
     lse(z_s), G)`` where G is what the gradient of D needs beyond the log-sum-exps (the
     divergences that need it take a second pass over the row). Rows with ``w_i = 0`` are not
-    read and get zeros. An out-of-range label gives a NaN loss (no host check on the device).
+    read and get zeros. Without labels there is no CE term (``ce_weight`` is ignored). An
+    out-of-range label gives a NaN loss (no host check on the device).
 
 ``kd_loss_bwd(student, teacher, labels, weights, stats, grad_loss [N] fp32, *args, grad)``
     Writes ``grad[i] = grad_loss[i] * d loss[i] / d student[i]`` in the student dtype, one pass

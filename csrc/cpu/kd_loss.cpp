@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "cpu/vec_math.h"
+#include "kd_loss_checks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTKD_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -33,9 +34,6 @@ namespace fastkd::cpu {
 namespace {
 
 constexpr int64_t kTile = 2048;  // two fp32 tiles take 16 KiB of L1
-
-// fastkd._options.DIVERGENCES order.
-enum Divergence : int64_t { kKL, kReverseKL, kJSD, kTVD, kSkewKL, kSkewReverseKL, kNumDivergences };
 
 // Element types: how a logit is read as fp32 and how a gradient is written back.
 struct F32 {
@@ -503,57 +501,18 @@ void with_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
-void check_last_dim(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "kd_loss: ", name,
-              " must have a contiguous last dimension (stride(1) == 1), got strides ", x.strides());
-}
-
-void check_per_row(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t n) {
-  TORCH_CHECK(x.device().is_cpu(), "kd_loss: ", name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == dtype, "kd_loss: ", name, " must be ", dtype, ", got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, "kd_loss: ", name, " must have shape [", n,
-              "] (one entry per row), got ", x.sizes());
-}
-
 // Checks the inputs both ops share and resolves the scalar arguments.
-Options check_inputs(const at::Tensor& student, const at::Tensor& teacher,
+Options checked_options(const at::Tensor& student, const at::Tensor& teacher,
                      const std::optional<at::Tensor>& labels,
                      const std::optional<at::Tensor>& weights, int64_t divergence,
                      double temperature, double kd_weight, double ce_weight, double mix,
                      int64_t ignore_index, int64_t kd_vocab, double student_scale,
                      double student_softcap, double teacher_scale, double teacher_softcap) {
-  for (const auto& [x, name] : {std::pair{&student, "student"}, std::pair{&teacher, "teacher"}}) {
-    TORCH_CHECK(x->device().is_cpu(), "kd_loss: ", name, " must be a CPU tensor, got ",
-                x->device());
-    TORCH_CHECK(x->dim() == 2, "kd_loss: ", name, " must be 2-D [N, V], got shape ", x->sizes());
-    check_last_dim(*x, name);
-  }
-  const auto dtype = student.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "kd_loss: student must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(teacher.scalar_type() == dtype, "kd_loss: teacher must have the student's dtype ",
-              dtype, ", got ", teacher.scalar_type());
-  const int64_t n = student.size(0), vs = student.size(1);
-  TORCH_CHECK(teacher.size(0) == n, "kd_loss: teacher has ", teacher.size(0),
-              " rows but student has ", n);
-  if (labels) check_per_row(*labels, "labels", at::kLong, n);
-  if (weights) check_per_row(*weights, "weights", at::kFloat, n);
-  TORCH_CHECK(divergence >= 0 && divergence < kNumDivergences,
-              "kd_loss: divergence code must be in [0, ", int64_t{kNumDivergences}, "), got ",
-              divergence);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "kd_loss: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(kd_vocab >= 1 && kd_vocab <= vs, "kd_loss: kd_vocab must be in [1, ", vs,
-              "] (the student vocabulary), got ", kd_vocab);
-  const bool mixture = divergence == kJSD || divergence == kSkewKL || divergence == kSkewReverseKL;
-  TORCH_CHECK(!mixture || (mix > 0 && mix < 1),
-              "kd_loss: mix (beta or skew) must be in (0, 1) for divergence code ", divergence,
-              ", got ", mix);
-  TORCH_CHECK(student_softcap >= 0 && teacher_softcap >= 0,
-              "kd_loss: softcaps must be >= 0 (0: none), got ", student_softcap, " and ",
-              teacher_softcap);
-
+  TORCH_CHECK(student.device().is_cpu(), "kd_loss: student must be a CPU tensor, got ",
+              student.device());
+  fastkd::check_inputs(student, teacher, labels, weights, divergence, temperature, mix, kd_vocab,
+                       student_softcap, teacher_softcap);
+  const bool mixture = is_mixture(divergence);
   Options o;
   o.div = divergence;
   o.temp = temperature;
@@ -564,7 +523,7 @@ Options check_inputs(const at::Tensor& student, const at::Tensor& teacher,
   o.log_w1 = mixture ? static_cast<float>(std::log(mix)) : 0.0f;
   o.log_w2 = mixture ? static_cast<float>(std::log1p(-mix)) : 0.0f;
   o.ignore_index = ignore_index;
-  o.vs = vs;
+  o.vs = student.size(1);
   o.vt = teacher.size(1);
   o.kv = kd_vocab;
   o.s_scale = static_cast<float>(student_scale);
@@ -572,7 +531,7 @@ Options check_inputs(const at::Tensor& student, const at::Tensor& teacher,
   o.t_scale = static_cast<float>(teacher_scale);
   o.t_cap = static_cast<float>(teacher_softcap);
   o.has_kd = kd_weight != 0;
-  o.has_ce = ce_weight != 0 && labels;  // no labels: no CE term (the Python API forbids it)
+  o.has_ce = ce_weight != 0 && labels;  // no labels: no CE term (_ops.py)
   o.ce_pow = o.has_kd && o.has_ce && (temperature == 1.0 || temperature == 2.0)
                  ? static_cast<int>(temperature)
                  : 0;
@@ -596,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(
     const std::optional<at::Tensor>& weights, int64_t divergence, double temperature,
     double kd_weight, double ce_weight, double mix, int64_t ignore_index, int64_t kd_vocab,
     double student_scale, double student_softcap, double teacher_scale, double teacher_softcap) {
-  const Options o = check_inputs(student, teacher, labels, weights, divergence, temperature,
+  const Options o = checked_options(student, teacher, labels, weights, divergence, temperature,
                                  kd_weight, ce_weight, mix, ignore_index, kd_vocab, student_scale,
                                  student_softcap, teacher_scale, teacher_softcap);
   const int64_t n = student.size(0);
@@ -621,24 +580,11 @@ void kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
                  int64_t ignore_index, int64_t kd_vocab, double student_scale,
                  double student_softcap, double teacher_scale, double teacher_softcap,
                  at::Tensor& grad) {
-  const Options o = check_inputs(student, teacher, labels, weights, divergence, temperature,
+  const Options o = checked_options(student, teacher, labels, weights, divergence, temperature,
                                  kd_weight, ce_weight, mix, ignore_index, kd_vocab, student_scale,
                                  student_softcap, teacher_scale, teacher_softcap);
+  check_grad_inputs(student, stats, grad_loss, grad);
   const int64_t n = student.size(0);
-  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat &&
-                  stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 4 &&
-                  stats.is_contiguous(),
-              "kd_loss: stats must be a contiguous float32 CPU tensor of shape [", n,
-              ", 4] (from kd_loss_fwd), got ", stats.scalar_type(), " ", stats.sizes(), " on ",
-              stats.device());
-  check_per_row(grad_loss, "grad_loss", at::kFloat, n);
-  TORCH_CHECK(grad.device().is_cpu(), "kd_loss: grad must be a CPU tensor, got ", grad.device());
-  TORCH_CHECK(grad.sizes() == student.sizes(), "kd_loss: grad must have the student's shape ",
-              student.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == student.scalar_type(),
-              "kd_loss: grad must have the student's dtype ", student.scalar_type(), ", got ",
-              grad.scalar_type());
-  check_last_dim(grad, "grad");
 
   const Rows r = make_rows(student, teacher, labels, weights);
   const float* stats_p = stats.data_ptr<float>();

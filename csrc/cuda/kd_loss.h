@@ -7,10 +7,9 @@
 
 #include <cstdint>
 
-namespace fastkd::cuda {
+#include "kd_loss_codes.h"
 
-// fastkd._options.DIVERGENCES order.
-enum Divergence : int { kKL, kReverseKL, kJSD, kTVD, kSkewKL, kSkewReverseKL, kNumDivergences };
+namespace fastkd::cuda {
 
 enum class Dtype { kFloat32, kBFloat16, kFloat16 };  // of student, teacher and grad
 
@@ -28,7 +27,7 @@ struct KDParams {
   float temp, inv_t, kd_w, ce_w, mix;
   float log_w1, log_w2;  // log(mix), log(1 - mix): the mixture's log weights
   float s_scale, s_cap, t_scale, t_cap;  // cap 0: no softcap
-  bool has_kd, has_ce;  // kd_w != 0, ce_w != 0: a term with weight 0 is skipped
+  bool has_kd, has_ce;  // kd_w != 0, ce_w != 0 with labels: a term with weight 0 is skipped
 };
 
 // loss [n] and stats [n, 4] (contiguous fp32): fastkd/_ops.py. Returns the launch status.

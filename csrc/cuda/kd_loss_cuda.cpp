@@ -13,28 +13,10 @@
 #include <utility>
 
 #include "cuda/kd_loss.h"
+#include "kd_loss_checks.h"
 
 namespace fastkd::cuda {
 namespace {
-
-void check_on_device(const at::Tensor& x, const char* name, const at::Tensor& student) {
-  TORCH_CHECK(x.device() == student.device(), "kd_loss: ", name,
-              " must be on the student's device ", student.device(), ", got ", x.device());
-}
-
-void check_last_dim(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "kd_loss: ", name,
-              " must have a contiguous last dimension (stride(1) == 1), got strides ", x.strides());
-}
-
-void check_per_row(const at::Tensor& x, const char* name, at::ScalarType dtype, int64_t n,
-                   const at::Tensor& student) {
-  check_on_device(x, name, student);
-  TORCH_CHECK(x.scalar_type() == dtype, "kd_loss: ", name, " must be ", dtype, ", got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, "kd_loss: ", name, " must have shape [", n,
-              "] (one entry per row), got ", x.sizes());
-}
 
 Dtype kernel_dtype(at::ScalarType dtype) {
   switch (dtype) {
@@ -50,58 +32,32 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 // Checks the inputs both ops share and resolves the scalar arguments.
-KDParams check_inputs(const at::Tensor& student, const at::Tensor& teacher,
-                      const std::optional<at::Tensor>& labels,
-                      const std::optional<at::Tensor>& weights, int64_t divergence,
-                      double temperature, double kd_weight, double ce_weight, double mix,
-                      int64_t ignore_index, int64_t kd_vocab, double student_scale,
-                      double student_softcap, double teacher_scale, double teacher_softcap) {
+KDParams checked_params(const at::Tensor& student, const at::Tensor& teacher,
+                        const std::optional<at::Tensor>& labels,
+                        const std::optional<at::Tensor>& weights, int64_t divergence,
+                        double temperature, double kd_weight, double ce_weight, double mix,
+                        int64_t ignore_index, int64_t kd_vocab, double student_scale,
+                        double student_softcap, double teacher_scale, double teacher_softcap) {
   TORCH_CHECK(student.is_cuda(), "kd_loss: student must be a CUDA tensor, got ", student.device());
-  check_on_device(teacher, "teacher", student);
+  fastkd::check_inputs(student, teacher, labels, weights, divergence, temperature, mix, kd_vocab,
+                       student_softcap, teacher_softcap);
   for (const auto& [x, name] : {std::pair{&student, "student"}, std::pair{&teacher, "teacher"}}) {
-    TORCH_CHECK(x->dim() == 2, "kd_loss: ", name, " must be 2-D [N, V], got shape ", x->sizes());
     TORCH_CHECK(x->size(1) <= INT_MAX, "kd_loss: ", name, " has ", x->size(1),
                 " columns; the CUDA kernels take at most ", INT_MAX);
-    check_last_dim(*x, name);
   }
-  const auto dtype = student.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "kd_loss: student must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(teacher.scalar_type() == dtype, "kd_loss: teacher must have the student's dtype ",
-              dtype, ", got ", teacher.scalar_type());
-  const int64_t n = student.size(0), vs = student.size(1);
-  TORCH_CHECK(teacher.size(0) == n, "kd_loss: teacher has ", teacher.size(0),
-              " rows but student has ", n);
-  if (labels) check_per_row(*labels, "labels", at::kLong, n, student);
-  if (weights) check_per_row(*weights, "weights", at::kFloat, n, student);
-  TORCH_CHECK(divergence >= 0 && divergence < kNumDivergences,
-              "kd_loss: divergence code must be in [0, ", static_cast<int>(kNumDivergences),
-              "), got ", divergence);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "kd_loss: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(kd_vocab >= 1 && kd_vocab <= vs, "kd_loss: kd_vocab must be in [1, ", vs,
-              "] (the student vocabulary), got ", kd_vocab);
-  TORCH_CHECK(ce_weight == 0 || labels, "kd_loss: labels are required when ce_weight != 0");
-  const bool mixture = divergence == kJSD || divergence == kSkewKL || divergence == kSkewReverseKL;
-  TORCH_CHECK(!mixture || (mix > 0 && mix < 1),
-              "kd_loss: mix (beta or skew) must be in (0, 1) for divergence code ", divergence,
-              ", got ", mix);
-  TORCH_CHECK(student_softcap >= 0 && teacher_softcap >= 0,
-              "kd_loss: softcaps must be >= 0 (0: none), got ", student_softcap, " and ",
-              teacher_softcap);
-
+  const bool mixture = is_mixture(divergence);
   KDParams p{};
   p.student = student.data_ptr();
   p.teacher = teacher.data_ptr();
   p.labels = labels ? labels->data_ptr<int64_t>() : nullptr;
   p.weights = weights ? weights->data_ptr<float>() : nullptr;
-  p.n = n;
+  p.n = student.size(0);
   p.s_stride = student.stride(0);
   p.t_stride = teacher.stride(0);
   p.l_stride = labels ? labels->stride(0) : 0;
   p.w_stride = weights ? weights->stride(0) : 0;
   p.ignore_index = ignore_index;
-  p.vs = static_cast<int>(vs);
+  p.vs = static_cast<int>(student.size(1));
   p.vt = static_cast<int>(teacher.size(1));
   p.kv = static_cast<int>(kd_vocab);
   p.divergence = static_cast<int>(divergence);
@@ -117,7 +73,7 @@ KDParams check_inputs(const at::Tensor& student, const at::Tensor& teacher,
   p.t_scale = static_cast<float>(teacher_scale);
   p.t_cap = static_cast<float>(teacher_softcap);
   p.has_kd = kd_weight != 0;
-  p.has_ce = ce_weight != 0;
+  p.has_ce = ce_weight != 0 && labels;  // no labels: no CE term (_ops.py)
   return p;
 }
 
@@ -126,9 +82,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(
     const std::optional<at::Tensor>& weights, int64_t divergence, double temperature,
     double kd_weight, double ce_weight, double mix, int64_t ignore_index, int64_t kd_vocab,
     double student_scale, double student_softcap, double teacher_scale, double teacher_softcap) {
-  const KDParams p = check_inputs(student, teacher, labels, weights, divergence, temperature,
-                                  kd_weight, ce_weight, mix, ignore_index, kd_vocab, student_scale,
-                                  student_softcap, teacher_scale, teacher_softcap);
+  const KDParams p = checked_params(student, teacher, labels, weights, divergence, temperature,
+                                    kd_weight, ce_weight, mix, ignore_index, kd_vocab,
+                                    student_scale, student_softcap, teacher_scale,
+                                    teacher_softcap);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({p.n}, f32);
@@ -147,22 +104,11 @@ void kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
                  int64_t ignore_index, int64_t kd_vocab, double student_scale,
                  double student_softcap, double teacher_scale, double teacher_softcap,
                  at::Tensor& grad) {
-  const KDParams p = check_inputs(student, teacher, labels, weights, divergence, temperature,
-                                  kd_weight, ce_weight, mix, ignore_index, kd_vocab, student_scale,
-                                  student_softcap, teacher_scale, teacher_softcap);
-  check_on_device(stats, "stats", student);
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 2 && stats.size(0) == p.n &&
-                  stats.size(1) == 4 && stats.is_contiguous(),
-              "kd_loss: stats must be a contiguous float32 tensor of shape [", p.n,
-              ", 4] (from kd_loss_fwd), got ", stats.scalar_type(), " ", stats.sizes());
-  check_per_row(grad_loss, "grad_loss", at::kFloat, p.n, student);
-  check_on_device(grad, "grad", student);
-  TORCH_CHECK(grad.sizes() == student.sizes(), "kd_loss: grad must have the student's shape ",
-              student.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == student.scalar_type(),
-              "kd_loss: grad must have the student's dtype ", student.scalar_type(), ", got ",
-              grad.scalar_type());
-  check_last_dim(grad, "grad");
+  const KDParams p = checked_params(student, teacher, labels, weights, divergence, temperature,
+                                    kd_weight, ce_weight, mix, ignore_index, kd_vocab,
+                                    student_scale, student_softcap, teacher_scale,
+                                    teacher_softcap);
+  check_grad_inputs(student, stats, grad_loss, grad);
 
   const c10::cuda::CUDAGuard guard(student.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
