@@ -86,10 +86,9 @@ def reference_kd(student, teacher, ids, mask, labels, **kw):
 )
 def test_kd_loss_equals_reference_on_materialized_logits(make_student, make_teacher, vocab):
     student, teacher = make_student(), make_teacher()
-    cfg = DistillConfig(temperature=2.0, alpha=0.3, divergence="jsd", beta=0.4, vocab=vocab)
-    ids, mask, labels = batch()
-    out = Distiller(student, teacher, cfg)(ids, mask, labels)
     kw = dict(temperature=2.0, alpha=0.3, divergence="jsd", beta=0.4, vocab=vocab)
+    ids, mask, labels = batch()
+    out = Distiller(student, teacher, DistillConfig(**kw))(ids, mask, labels)
     expected = reference_kd(student, teacher, ids, mask, labels, **kw)
     assert math.isclose(float(out.loss.detach()), float(expected.detach()), rel_tol=2e-5)
     ce_only = reference_kd(student, teacher, ids, mask, labels, alpha=1.0, vocab=vocab)
