@@ -6,7 +6,9 @@ must reproduce. Gradients come from autograd, so they check the kernels' hand-de
 
 Conventions the kernels share: a probability that is exactly 0 contributes 0 to every sum
 (0 * log 0 = 0), so ``-inf`` logits (masked vocabulary) give finite results; a student ``-inf``
-where the teacher has mass gives an infinite forward KL, as the math says.
+where the teacher has mass gives an infinite forward KL, as the math says. A student ``-inf``
+logit gets no gradient: it is a masked entry, and no step can move it (autograd would give the
+forward KL's limit -p there, every other divergence's gradient is 0 in the limit anyway).
 """
 
 from __future__ import annotations
@@ -165,5 +167,5 @@ class ReferenceKDFunction(torch.autograd.Function):
                 (g,) = torch.autograd.grad(
                     loss, s, grad_rows[i : i + rows].to(loss.dtype), materialize_grads=True
                 )
-            grad[i : i + rows] = g
+            grad[i : i + rows] = g.masked_fill(s == -math.inf, 0.0)
         return grad, None, None, None, None

@@ -134,6 +134,19 @@ def test_teacher_only_masked(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_only_masked(backend, divergence):
+    """Student -inf where the teacher has mass: infinite forward KL (and finite otherwise), and
+    no gradient into the masked entries, the rest of the gradient as the reference's."""
+    student, teacher, labels = make_inputs(4, 1031, seed=8)
+    student[:, :200] = -math.inf
+    labels[labels < 200] = 500
+    loss, grad = check_backend(backend, student, teacher, labels, divergence=divergence)
+    assert torch.isinf(loss).all() == (divergence == "kl")
+    assert torch.isfinite(grad).all() and (grad[:, :200] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_batch(backend):
     student, teacher, labels = make_inputs(4, 1031)
     labels[:] = -100
