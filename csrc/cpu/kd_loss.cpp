@@ -503,11 +503,11 @@ void with_dtype(at::ScalarType dtype, F&& f) {
 
 // Checks the inputs both ops share and resolves the scalar arguments.
 Options checked_options(const at::Tensor& student, const at::Tensor& teacher,
-                     const std::optional<at::Tensor>& labels,
-                     const std::optional<at::Tensor>& weights, int64_t divergence,
-                     double temperature, double kd_weight, double ce_weight, double mix,
-                     int64_t ignore_index, int64_t kd_vocab, double student_scale,
-                     double student_softcap, double teacher_scale, double teacher_softcap) {
+                        const std::optional<at::Tensor>& labels,
+                        const std::optional<at::Tensor>& weights, int64_t divergence,
+                        double temperature, double kd_weight, double ce_weight, double mix,
+                        int64_t ignore_index, int64_t kd_vocab, double student_scale,
+                        double student_softcap, double teacher_scale, double teacher_softcap) {
   TORCH_CHECK(student.device().is_cpu(), "kd_loss: student must be a CPU tensor, got ",
               student.device());
   fastkd::check_inputs(student, teacher, labels, weights, divergence, temperature, mix, kd_vocab,
@@ -556,8 +556,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(
     double kd_weight, double ce_weight, double mix, int64_t ignore_index, int64_t kd_vocab,
     double student_scale, double student_softcap, double teacher_scale, double teacher_softcap) {
   const Options o = checked_options(student, teacher, labels, weights, divergence, temperature,
-                                 kd_weight, ce_weight, mix, ignore_index, kd_vocab, student_scale,
-                                 student_softcap, teacher_scale, teacher_softcap);
+                                    kd_weight, ce_weight, mix, ignore_index, kd_vocab,
+                                    student_scale, student_softcap, teacher_scale,
+                                    teacher_softcap);
   const int64_t n = student.size(0);
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({n}, f32);
@@ -581,8 +582,9 @@ void kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
                  double student_softcap, double teacher_scale, double teacher_softcap,
                  at::Tensor& grad) {
   const Options o = checked_options(student, teacher, labels, weights, divergence, temperature,
-                                 kd_weight, ce_weight, mix, ignore_index, kd_vocab, student_scale,
-                                 student_softcap, teacher_scale, teacher_softcap);
+                                    kd_weight, ce_weight, mix, ignore_index, kd_vocab,
+                                    student_scale, student_softcap, teacher_scale,
+                                    teacher_softcap);
   check_grad_inputs(student, stats, grad_loss, grad);
   const int64_t n = student.size(0);
 
