@@ -1,9 +1,11 @@
 """Benchmark of ``fastkd.fused_linear_kd_loss`` (hidden states + lm_head weights in) against
-eager PyTorch (materialized logits + the loss), ``torch.compile`` of the same, and Liger-Kernel's
-fused linear JSD and chunked distillation losses.
+eager PyTorch (materialized logits + the loss), ``torch.compile`` of the same, Liger-Kernel's
+fused linear JSD and chunked distillation losses, and, for the CE-only case (alpha=1), Cut
+Cross-Entropy's ``linear_cross_entropy``.
 
 The floor is the bare GEMMs in the input dtype: the student's and the teacher's logits (fwd),
-the student's grad_hidden and grad_weight (bwd). DESIGN §2: 2·N·V·Ht + 6·N·V·Hs FLOPs."""
+the student's grad_hidden and grad_weight (bwd). DESIGN §2: 2·N·V·Ht + 6·N·V·Hs FLOPs; CE only
+(alpha=1) needs no teacher logits, and neither fastkd nor the floor computes them."""
 
 from __future__ import annotations
 
@@ -58,8 +60,10 @@ def _fastkd(case: Case, backend: str) -> Runner:
 
 
 def _eager_loss(case: Case, h, w, ht, wt, y):
-    with torch.no_grad():
-        zt = ht @ wt.t()
+    zt = None
+    if case.alpha != 1:
+        with torch.no_grad():
+            zt = ht @ wt.t()
     return eager_kd_loss(
         h @ w.t(), zt, y, temperature=case.temperature, alpha=case.alpha, divergence=case.divergence
     )
@@ -104,6 +108,18 @@ def _liger(case: Case, chunked: bool) -> Runner:
     return _runner(case, fn)
 
 
+def _cce(case: Case) -> Runner:
+    if case.alpha != 1:
+        raise Unavailable("Cut Cross-Entropy computes the CE alone: compare with alpha=1")
+    if case.device != "cuda":
+        raise Unavailable("Cut Cross-Entropy's kernels run on CUDA only")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as exc:
+        raise Unavailable(f"cut-cross-entropy is not installed ({exc})") from exc
+    return _runner(case, lambda h, w, ht, wt, y: linear_cross_entropy(h, w, y, impl="cce"))
+
+
 def _floor(case: Case) -> Runner:
     h, w, ht, wt, _ = _inputs(case)
     h, w = h.detach(), w.detach()
@@ -111,7 +127,8 @@ def _floor(case: Case) -> Runner:
 
     def forward():
         h @ w.t()
-        ht @ wt.t()
+        if case.alpha != 1:
+            ht @ wt.t()
 
     def backward(_):
         g @ w
@@ -132,16 +149,18 @@ def contenders(case: Case) -> dict:
     found["compile"] = lambda: _eager(case, compiled=True)
     found["liger-fused-linear-jsd"] = lambda: _liger(case, chunked=False)
     found["liger-chunked-jsd"] = lambda: _liger(case, chunked=True)
+    found["cut-cross-entropy"] = lambda: _cce(case)
     return found
 
 
 def work(case: Case, mode: str) -> tuple[float, float]:
     """(FLOPs, bytes) of the floor's GEMMs."""
     nv = case.bt * case.vocab
+    teacher = 2.0 * nv * case.teacher_hidden if case.alpha != 1 else 0.0
     flops = {
-        "fwd": 2.0 * nv * (case.hidden + case.teacher_hidden),
+        "fwd": teacher + 2.0 * nv * case.hidden,
         "bwd": 4.0 * nv * case.hidden,
-        "full": 2.0 * nv * case.teacher_hidden + 6.0 * nv * case.hidden,
+        "full": teacher + 6.0 * nv * case.hidden,
     }[mode]
     return flops, 0.0
 

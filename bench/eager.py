@@ -15,7 +15,11 @@ from fastkd.reference import kd_loss_rows
 def eager_kd_loss(
     student_logits, teacher_logits, labels, *, temperature=2.0, alpha=0.5, divergence="kl", beta=0.5
 ):
-    """``alpha * CE + (1 - alpha) * T^2 * D``, mean over tokens (no ignored labels)."""
+    """``alpha * CE + (1 - alpha) * T^2 * D``, mean over tokens (no ignored labels); alpha=1 is
+    the plain CE (``teacher_logits`` may be None)."""
+    ce = F.cross_entropy(student_logits.float(), labels) if alpha else None
+    if alpha == 1:
+        return ce
     t = temperature
     lq = F.log_softmax(student_logits.float() / t, -1)
     lp = F.log_softmax(teacher_logits.float() / t, -1)
@@ -32,6 +36,4 @@ def eager_kd_loss(
         opts = resolve_options(temperature=t, alpha=0.0, divergence=divergence, beta=beta)
         d = kd_loss_rows(student_logits, teacher_logits, None, None, opts).mean() / (t * t)
     loss = (1 - alpha) * t * t * d
-    if alpha:
-        loss = loss + alpha * F.cross_entropy(student_logits.float(), labels)
-    return loss
+    return loss if ce is None else loss + alpha * ce

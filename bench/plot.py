@@ -33,6 +33,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def case_key(row: dict) -> tuple:
+    """The shape and loss weights a result row (or a Case's fields) measured."""
+    return row["vocab"], row["bt"], row["alpha"]
+
+
+def _label(key: tuple) -> str:
+    vocab, bt, alpha = key
+    return f"{bt}x{vocab}" + (" CE only" if alpha == 1 else "")
+
+
 def plot_file(path: Path) -> list[Path]:
     """One PNG per mode beside the JSON file: time and peak memory per shape and contender."""
     import matplotlib
@@ -47,11 +57,11 @@ def plot_file(path: Path) -> list[Path]:
     written = []
     for mode in sorted({r["mode"] for r in rows}):
         sel = [r for r in rows if r["mode"] == mode]
-        shapes = sorted({(r["vocab"], r["bt"]) for r in sel})
-        labels = [f"{bt}x{v}" for v, bt in shapes]
+        shapes = sorted({case_key(r) for r in sel})
+        labels = [_label(key) for key in shapes]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for contender in sorted({r["contender"] for r in sel}):
-            by_shape = {(r["vocab"], r["bt"]): r for r in sel if r["contender"] == contender}
+            by_shape = {case_key(r): r for r in sel if r["contender"] == contender}
             xs = [i for i, s in enumerate(shapes) if s in by_shape]
             for ax, key in zip(axes, ("median_ms", "peak_mem_mb")):
                 ys = [by_shape[shapes[i]].get(key) for i in xs]

@@ -4,6 +4,7 @@ the CPU), results as JSON under ``bench/results/<device>/`` and a plot beside th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def cases(op: str, device: str, dtype: str, quick: bool) -> list[Case]:
                 **extra,
             )
         )
+    if op == "fused_linear_kd_loss":  # and the CE alone (Cut Cross-Entropy's case) at one shape
+        out.append(dataclasses.replace(out[0], alpha=1.0))
     return out
 
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 reps=3 if args.quick else 5,
                 min_seconds=0.1 if args.quick else 0.5,
             )
-            print(plot.table([r for r in rows if r["bt"] == case.bt and r["vocab"] == case.vocab]))
+            print(plot.table([r for r in rows if plot.case_key(r) == plot.case_key(case.__dict__)]))
             print(f"  ({time.time() - start:.0f} s)")
         path = out_dir / f"{op}{'-quick' if args.quick else ''}.json"
         write_results(path, rows)

@@ -151,6 +151,7 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
     grad_b = None
     if want and needs[2] and b_s is not None:
         grad_b = torch.zeros(b_s.shape, dtype=ct, device=b_s.device)
+    kd = plan.opts.kd_weight != 0  # CE only: no kernel reads the teacher, skip its logits
     for start in range(0, n, plan.chunk):
         rows = slice(start, min(start + plan.chunk, n))
         hs = gemm.operand(h_s[rows])
@@ -158,9 +159,9 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
         if b_s is not None:
             zs.add_(b_s)
         zt = zt_buf[: rows.stop - start]
-        if z_t is not None:
+        if kd and z_t is not None:
             zt.copy_(z_t[rows])
-        else:
+        elif kd:
             gemm.into(gemm.operand(h_t[rows]), wt.t(), zt)
             if b_t is not None:
                 zt.add_(b_t)

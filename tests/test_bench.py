@@ -34,19 +34,27 @@ def test_quick_suite(tmp_path):
         for r in (ours, eager):
             assert r["median_ms"] > 0 and r["peak_mem_mb"] >= 0 and r["ratio_to_floor"] > 0
         assert ("compile", "full") not in rows  # --quick skips torch.compile
+        if op == "fused_linear_kd_loss":  # the CE-only case, for Cut Cross-Entropy
+            ce_only = [r for r in data["rows"] if r["alpha"] == 1.0]
+            assert {r["contender"] for r in ce_only if r["status"] == "ok"} >= {"fastkd-cpu"}
+            (cce,) = [r for r in ce_only if r["contender"] == "cut-cross-entropy"]
+            assert cce["status"] == "unavailable" and "CUDA" in cce["reason"]
         if op != "train_step":  # the interpreter (TRITON_INTERPRET=1 here) is not timed
-            (triton,) = [r for r in data["rows"] if r["contender"] == "fastkd-triton"]
-            assert triton["status"] == "unavailable", triton
+            triton = [r for r in data["rows"] if r["contender"] == "fastkd-triton"]
+            assert triton and all(r["status"] == "unavailable" for r in triton), triton
 
 
 def test_contenders_compute_the_same_loss():
     """Every contender of a loss op computes the same number (the benchmark compares like with
     like)."""
-    for op, extra in (
-        ("kd_loss", {}),
-        ("fused_linear_kd_loss", {"hidden": 16, "teacher_hidden": 24}),
+    linear = {"op": "fused_linear_kd_loss", "hidden": 16, "teacher_hidden": 24}
+    for kw in (
+        {"op": "kd_loss", "divergence": "kl"},
+        {**linear, "divergence": "jsd"},
+        {**linear, "alpha": 1.0},  # CE only
     ):
-        case = Case(op=op, bt=64, vocab=512, divergence="jsd" if extra else "kl", **extra)
+        case = Case(bt=64, vocab=512, **kw)
+        op = case.op
         values = {}
         for name in ("fastkd-cpu", "fastkd-reference", "eager"):
             values[name] = float(runner_for(case, name).forward().detach())

@@ -104,6 +104,22 @@ def test_matches_materialized(backend, divergence, teacher_as_logits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teacher_as_logits", [False, True], ids=["teacher-head", "teacher-logits"])
+def test_ce_only_does_not_read_the_teacher(backend, teacher_as_logits):
+    """alpha=1 is the fused linear CE: a NaN teacher changes nothing (its logits are skipped)."""
+    p, labels = make_problem(seed=3)
+    ce = run_materialized(p, labels, alpha=1.0)
+    p.update({k: torch.full_like(p[k], float("nan")) for k in TEACHER})
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    loss, grads = run_fused(
+        p, labels, device=device, backend=backend, alpha=1.0, teacher_as_logits=teacher_as_logits
+    )
+    assert_close(loss, ce[0], atol=2e-5, rtol=2e-5, name="loss")
+    for name, g, t in zip(STUDENT, grads, ce[1]):
+        assert_close(g, t, atol=2e-5, rtol=2e-5, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none", "batchmean"])
 def test_reductions_and_grad_output(backend, reduction):
     p, labels = make_problem(n=29, seed=7)
