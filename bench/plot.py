@@ -38,7 +38,7 @@ def case_key(row: dict) -> tuple:
     return row["vocab"], row["bt"], row["alpha"]
 
 
-def _label(key: tuple) -> str:
+def label(key: tuple) -> str:
     vocab, bt, alpha = key
     return f"{bt}x{vocab}" + (" CE only" if alpha == 1 else "")
 
@@ -58,7 +58,7 @@ def plot_file(path: Path) -> list[Path]:
     for mode in sorted({r["mode"] for r in rows}):
         sel = [r for r in rows if r["mode"] == mode]
         shapes = sorted({case_key(r) for r in sel})
-        labels = [_label(key) for key in shapes]
+        labels = [label(key) for key in shapes]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for contender in sorted({r["contender"] for r in sel}):
             by_shape = {case_key(r): r for r in sel if r["contender"] == contender}

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         rows = []
         for case in cases(op, args.device, dtype, args.quick):
             start = time.time()
-            print(f"{op} {case.bt}x{case.vocab} {dtype} on {args.device} ...", flush=True)
+            key = plot.case_key(case.__dict__)
+            print(f"{op} {plot.label(key)} {dtype} on {args.device} ...", flush=True)
             memory = () if args.no_memory else ("full",) if args.quick else MODES
             rows += run_case(
                 case,
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 reps=3 if args.quick else 5,
                 min_seconds=0.1 if args.quick else 0.5,
             )
-            print(plot.table([r for r in rows if plot.case_key(r) == plot.case_key(case.__dict__)]))
+            print(plot.table([r for r in rows if plot.case_key(r) == key]))
             print(f"  ({time.time() - start:.0f} s)")
         path = out_dir / f"{op}{'-quick' if args.quick else ''}.json"
         write_results(path, rows)
