@@ -1,11 +1,17 @@
 """Benchmark of ``fastkd.fused_linear_kd_loss`` (hidden states + lm_head weights in) against
 eager PyTorch (materialized logits + the loss), ``torch.compile`` of the same, Liger-Kernel's
-fused linear JSD and chunked distillation losses, and, for the CE-only case (alpha=1), Cut
-Cross-Entropy's ``linear_cross_entropy``.
+chunked distillation loss (``LigerFusedLinearJSDLoss``: torch.compile, any device) and fused
+linear JSD (Triton, CUDA), and, for the CE-only case (alpha=1), Cut Cross-Entropy's
+``linear_cross_entropy`` (``impl="cce"`` on CUDA, ``impl="torch_compile"`` on any device) and
+Liger's fused linear CE (CUDA).
+
+Peers compute fastkd's loss exactly (docs/design.md §1): Liger leaves out the T^2, so its soft
+weight is ``(1 - alpha) * T^2`` and its hard weight ``alpha``; Liger's JSD beta weighs the
+teacher in the mixture as fastkd's does, so kl is beta=0 and reverse_kl beta=1.
 
 The floor is the bare GEMMs in the input dtype: the student's and the teacher's logits (fwd),
-the student's grad_hidden and grad_weight (bwd). DESIGN §2: 2·N·V·Ht + 6·N·V·Hs FLOPs; CE only
-(alpha=1) needs no teacher logits, and neither fastkd nor the floor computes them."""
+the student's grad_hidden and grad_weight (bwd): 2·N·V·Ht + 6·N·V·Hs FLOPs. CE only (alpha=1)
+needs no teacher logits, and neither fastkd nor the floor computes them."""
 
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from fastkd.bench.harness import Case, Runner, Unavailable, require_backend, req
 EAGER_PEAK = {"eager": 13.0, "compile": 9.0}
 
 
+@functools.lru_cache(maxsize=1)
 def _inputs(case: Case):
+    """The case's inputs, shared by its contenders (each clears the gradients it makes)."""
     g = torch.Generator(device=case.device).manual_seed(0)
 
     def randn(*shape, scale=1.0):
@@ -50,11 +58,16 @@ def _runner(case: Case, loss_fn) -> Runner:
 def _fastkd(case: Case, backend: str) -> Runner:
     require_backend(case, backend)
     kw = dict(
-        temperature=case.temperature, alpha=case.alpha, divergence=case.divergence, backend=backend
+        temperature=case.temperature,
+        alpha=case.alpha,
+        divergence=case.divergence,
+        beta=case.beta,
+        backend=backend,
     )
 
     def loss(h, w, ht, wt, y):
-        return fastkd.fused_linear_kd_loss(h, w, y, teacher_hidden=ht, teacher_weight=wt, **kw)
+        teacher = {} if case.alpha == 1 else dict(teacher_hidden=ht, teacher_weight=wt)
+        return fastkd.fused_linear_kd_loss(h, w, y, **teacher, **kw)
 
     return _runner(case, loss)
 
@@ -65,7 +78,13 @@ def _eager_loss(case: Case, h, w, ht, wt, y):
         with torch.no_grad():
             zt = ht @ wt.t()
     return eager_kd_loss(
-        h @ w.t(), zt, y, temperature=case.temperature, alpha=case.alpha, divergence=case.divergence
+        h @ w.t(),
+        zt,
+        y,
+        temperature=case.temperature,
+        alpha=case.alpha,
+        divergence=case.divergence,
+        beta=case.beta,
     )
 
 
@@ -76,48 +95,77 @@ def _eager(case: Case, compiled: bool = False) -> Runner:
     return _runner(case, torch.compile(fn) if compiled else fn)
 
 
-def _liger(case: Case, chunked: bool) -> Runner:
-    if case.device != "cuda":
-        raise Unavailable("Liger-Kernel runs on CUDA only")
-    if case.divergence != "jsd":
-        raise Unavailable("Liger's fused linear distillation losses are JSD: use divergence=jsd")
+def _liger_beta(case: Case) -> float:
+    """Liger's JSD beta for the case's divergence (Liger's JSD is fastkd's at beta, its
+    beta=0 the forward KL, beta=1 the reverse KL)."""
+    if case.alpha == 1:
+        raise Unavailable("Liger's distillation losses always compute the teacher's logits")
+    betas = {"kl": 0.0, "reverse_kl": 1.0, "jsd": case.beta}
+    if case.divergence not in betas:
+        raise Unavailable(f"Liger's fused linear losses have no {case.divergence}")
+    return betas[case.divergence]
+
+
+def _liger_chunked(case: Case) -> Runner:
+    """``LigerFusedLinearJSDLoss``: chunks of 1024 rows, each compiled (torch.compile);
+    runs on the CPU too."""
+    beta = _liger_beta(case)
     try:
-        if chunked:
-            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-            loss = LigerFusedLinearJSDLoss(
-                weight_hard_loss=case.alpha,
-                weight_soft_loss=1 - case.alpha,
-                beta=0.5,
-                temperature=case.temperature,
-            )
-
-            def fn(h, w, ht, wt, y):
-                return loss(h, w, ht, wt, y)
-        else:
-            from liger_kernel.transformers import LigerFusedLinearJSD
-
-            if case.alpha:
-                raise Unavailable("LigerFusedLinearJSD has no CE term: compare with alpha=0")
-            loss = LigerFusedLinearJSD(jsd_beta=0.5, temperature=case.temperature)
-
-            def fn(h, w, ht, wt, y):
-                return loss(h, w, ht, wt)
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError as exc:
         raise Unavailable(f"liger-kernel is not installed ({exc})") from exc
-    return _runner(case, fn)
+    t = case.temperature
+    loss = LigerFusedLinearJSDLoss(
+        weight_hard_loss=case.alpha,
+        weight_soft_loss=(1 - case.alpha) * t * t,
+        beta=beta,
+        temperature=t,
+    )
+    return _runner(case, loss)
 
 
-def _cce(case: Case) -> Runner:
+def _liger_fused(case: Case) -> Runner:
+    """``LigerFusedLinearJSD`` (Triton): the distillation term alone, times T^2."""
+    beta = _liger_beta(case)
+    if case.device != "cuda":
+        raise Unavailable("LigerFusedLinearJSD is Triton: CUDA only")
+    if case.alpha:
+        raise Unavailable("LigerFusedLinearJSD has no CE term: compare with alpha=0")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError as exc:
+        raise Unavailable(f"liger-kernel is not installed ({exc})") from exc
+    t = case.temperature
+    loss = LigerFusedLinearJSD(jsd_beta=beta, temperature=t)
+    return _runner(case, lambda h, w, ht, wt, y: t * t * loss(h, w, ht, wt, y))
+
+
+def _liger_ce(case: Case) -> Runner:
+    """``LigerFusedLinearCrossEntropyLoss`` (Triton), the CE-only case."""
+    if case.alpha != 1:
+        raise Unavailable("Liger's fused linear CE computes the CE alone: compare with alpha=1")
+    if case.device != "cuda":
+        raise Unavailable("LigerFusedLinearCrossEntropyLoss is Triton: CUDA only")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as exc:
+        raise Unavailable(f"liger-kernel is not installed ({exc})") from exc
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return _runner(case, lambda h, w, ht, wt, y: loss(w, h, y))
+
+
+def _cce(case: Case, impl: str) -> Runner:
+    """Cut Cross-Entropy, the CE-only case: its Triton kernels (``cce``, CUDA) or its
+    ``torch_compile`` implementation (any device)."""
     if case.alpha != 1:
         raise Unavailable("Cut Cross-Entropy computes the CE alone: compare with alpha=1")
-    if case.device != "cuda":
+    if impl == "cce" and case.device != "cuda":
         raise Unavailable("Cut Cross-Entropy's kernels run on CUDA only")
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
         raise Unavailable(f"cut-cross-entropy is not installed ({exc})") from exc
-    return _runner(case, lambda h, w, ht, wt, y: linear_cross_entropy(h, w, y, impl="cce"))
+    return _runner(case, lambda h, w, ht, wt, y: linear_cross_entropy(h, w, y, impl=impl))
 
 
 def _floor(case: Case) -> Runner:
@@ -147,9 +195,11 @@ def contenders(case: Case) -> dict:
         found[f"fastkd-{backend}"] = functools.partial(_fastkd, case, backend)
     found["eager"] = lambda: _eager(case)
     found["compile"] = lambda: _eager(case, compiled=True)
-    found["liger-fused-linear-jsd"] = lambda: _liger(case, chunked=False)
-    found["liger-chunked-jsd"] = lambda: _liger(case, chunked=True)
-    found["cut-cross-entropy"] = lambda: _cce(case)
+    found["liger-chunked-jsd"] = lambda: _liger_chunked(case)
+    found["liger-fused-linear-jsd"] = lambda: _liger_fused(case)
+    found["liger-fused-linear-ce"] = lambda: _liger_ce(case)
+    found["cut-cross-entropy"] = lambda: _cce(case, "cce")
+    found["cut-cross-entropy-compile"] = lambda: _cce(case, "torch_compile")
     return found
 
 
@@ -165,5 +215,11 @@ def work(case: Case, mode: str) -> tuple[float, float]:
     return flops, 0.0
 
 
+# Contenders that call torch.compile (minutes of compiling on the CPU: --quick skips them).
+COMPILED = ("compile", "liger-chunked-jsd", "cut-cross-entropy-compile")
+# (BT, V, student hidden, teacher hidden). The first shape also runs CE only (alpha=1).
 CPU_SHAPES = [(4096, 32000, 64, 64), (16384, 32000, 64, 64)]
-GPU_SHAPES = [(bt, 128256, 2048, 4096) for bt in (1024, 4096, 8192)]
+# Llama 3, Qwen 2 and Gemma vocabularies; a 2048-wide student of a 4096-wide teacher.
+GPU_SHAPES = [(8192, v, 2048, 4096) for v in (128256, 151936, 256000)] + [
+    (4096, 128256, 2048, 4096)
+]

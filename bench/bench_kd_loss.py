@@ -1,5 +1,5 @@
 """Benchmark of ``fastkd.kd_loss`` on logits [BT, V] against eager PyTorch, ``torch.compile``
-and Liger-Kernel's KL/JSD losses.
+and Liger-Kernel's KL/JSD and CE losses (CUDA only: they are Triton kernels).
 
 The floor is a copy of the same bytes: reading the student and teacher logits once and writing
 one gradient-sized output (``torch.add(s, t, out=g)``), the least any fwd + bwd must move.
@@ -16,7 +16,9 @@ from fastkd.bench.eager import eager_kd_loss
 from fastkd.bench.harness import Case, Runner, Unavailable, require_backend
 
 
+@functools.lru_cache(maxsize=1)
 def _inputs(case: Case):
+    """The case's inputs, shared by its contenders (each clears the gradients it makes)."""
     g = torch.Generator(device=case.device).manual_seed(0)
     shape = (case.bt, case.vocab)
     s = torch.randn(shape, generator=g, device=case.device, dtype=case.torch_dtype) * 2
@@ -40,13 +42,19 @@ def _loss_runner(case: Case, loss_fn) -> Runner:
 
 def _fastkd(case: Case, backend: str) -> Runner:
     require_backend(case, backend)
-    kw = dict(temperature=case.temperature, alpha=case.alpha, divergence=case.divergence)
+    kw = dict(
+        temperature=case.temperature, alpha=case.alpha, divergence=case.divergence, beta=case.beta
+    )
     return _loss_runner(case, lambda s, t, y: fastkd.kd_loss(s, t, y, backend=backend, **kw))
 
 
 def _eager(case: Case, compiled: bool = False) -> Runner:
     fn = functools.partial(
-        eager_kd_loss, temperature=case.temperature, alpha=case.alpha, divergence=case.divergence
+        eager_kd_loss,
+        temperature=case.temperature,
+        alpha=case.alpha,
+        divergence=case.divergence,
+        beta=case.beta,
     )
     if compiled:
         fn = torch.compile(fn)
@@ -54,31 +62,35 @@ def _eager(case: Case, compiled: bool = False) -> Runner:
 
 
 def _liger(case: Case) -> Runner:
+    """Liger-Kernel's Triton losses as a Liger user composes them: fp32 log-softmaxes at T by
+    torch, Liger's KL (or its generalized JSD, same beta convention as fastkd: beta=1 is the
+    reverse KL) times T^2, which Liger leaves out, plus alpha times Liger's CE at T=1."""
     if case.device != "cuda":
-        raise Unavailable("Liger-Kernel runs on CUDA only")
-    if case.alpha != 0.0 or case.divergence not in ("kl", "jsd"):
-        raise Unavailable("Liger's KL/JSD losses have no CE term: compare with alpha=0, kl or jsd")
+        raise Unavailable("Liger-Kernel's KL, JSD and CE kernels run on CUDA only")
+    if case.divergence not in ("kl", "reverse_kl", "jsd"):
+        raise Unavailable(f"Liger-Kernel has no {case.divergence} loss")
     try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerJSD, LigerKLDIVLoss
     except ImportError as exc:
         raise Unavailable(f"liger-kernel is not installed ({exc})") from exc
-    temp = case.temperature
+    temp, alpha = case.temperature, case.alpha
     if case.divergence == "kl":
-        loss = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-
-        def fn(s, t, y):
-            lq = torch.log_softmax(s.float() / temp, -1)
-            lp = torch.log_softmax(t.float() / temp, -1)
-            return temp * temp * loss(lq, lp)
+        divergence = LigerKLDIVLoss(reduction="batchmean", log_target=True)
     else:
-        jsd = LigerJSD(beta=0.5)
+        divergence = LigerJSD(beta=1.0 if case.divergence == "reverse_kl" else case.beta)
+    ce = LigerCrossEntropyLoss()
 
-        def fn(s, t, y):
-            return (
-                temp * temp * jsd(torch.log_softmax(s / temp, -1), torch.log_softmax(t / temp, -1))
-            )
+    def fn(s, t, y):
+        lq = torch.log_softmax(s.float() / temp, -1)
+        lp = torch.log_softmax(t.float() / temp, -1)
+        loss = (1 - alpha) * temp * temp * divergence(lq, lp)
+        # Liger's CE overwrites its input with the gradient: give it a copy of the logits.
+        return loss + alpha * ce(s.clone(), y) if alpha else loss
 
-    return _loss_runner(case, fn)
+    runner = _loss_runner(case, fn)
+    if alpha:
+        runner.notes["note"] = "CE on a copy of the logits (Liger's CE overwrites its input)"
+    return runner
 
 
 def _floor(case: Case) -> Runner:
@@ -107,5 +119,7 @@ def work(case: Case, mode: str) -> tuple[float, float]:
     return 0.0, 3.0 * case.bt * case.vocab * element
 
 
+COMPILED = ("compile",)  # contenders that call torch.compile (--quick skips them)
 CPU_SHAPES = [(4096, 32000), (1024, 32000)]
-GPU_SHAPES = [(bt, v) for v in (32000, 128256, 151936, 256000) for bt in (1024, 4096, 8192, 16384)]
+# Llama 3, Qwen 2 and Gemma vocabularies; BT = batch x sequence of a training step.
+GPU_SHAPES = [(bt, v) for v in (128256, 151936, 256000) for bt in (4096, 8192)]

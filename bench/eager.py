@@ -8,8 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastkd._options import resolve_options
-from fastkd.reference import kd_loss_rows
+import fastkd
 
 
 def eager_kd_loss(
@@ -32,8 +31,15 @@ def eager_kd_loss(
         d = beta * F.kl_div(lm, lp, reduction="batchmean", log_target=True) + (1 - beta) * F.kl_div(
             lm, lq, reduction="batchmean", log_target=True
         )
-    else:
-        opts = resolve_options(temperature=t, alpha=0.0, divergence=divergence, beta=beta)
-        d = kd_loss_rows(student_logits, teacher_logits, None, None, opts).mean() / (t * t)
+    else:  # no common hand-written form: fastkd's reference (T^2 * D, mean over tokens)
+        d = fastkd.kd_loss(
+            student_logits,
+            teacher_logits,
+            None,
+            temperature=t,
+            alpha=0.0,
+            divergence=divergence,
+            backend="reference",
+        ) / (t * t)
     loss = (1 - alpha) * t * t * d
     return loss if ce is None else loss + alpha * ce

@@ -6,16 +6,19 @@ op cannot avoid) in one *mode* (``fwd``, ``bwd`` or ``full`` = fwd + bwd). Each 
 (``bench_<op>.py``) provides ``contenders(case)`` returning ``{name: Runner}``, and
 ``work(case, mode)`` returning the FLOPs and bytes of the floor, for TFLOP/s and GB/s.
 
-Times are medians (with 20th/80th percentiles) of repeated runs after warm-up; the floor is
-measured in the same run, so ratios do not depend on the machine's mood. Peak memory is the
-extra memory one run of the mode needs beyond its inputs: ``max_memory_allocated`` on CUDA, a
-fresh process's peak resident set on the CPU (``fastkd.memory``).
+The contenders of a case are timed side by side: after warm-up, each *round* runs every
+contender once, in turn, so a change of the machine's load hits all of them alike. Times are
+medians (with 20th/80th percentiles) over the rounds, and ``ratio_to_floor`` is the median of
+the per-round ratios to the floor's time in the same round. Peak memory is the extra memory one
+run of the mode needs beyond its inputs: ``max_memory_allocated`` on CUDA, a fresh process's
+peak resident set on the CPU (``fastkd.memory``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,6 +50,7 @@ class Case:
     divergence: str = "kl"
     alpha: float = 0.5
     temperature: float = 2.0
+    beta: float = 0.5  # jsd's mixture weight of the teacher (fastkd's and TRL's convention)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -122,34 +126,64 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_mode(
-    runner: Runner, mode: str, device: str, *, warmup: int, reps: int, min_seconds: float
-) -> list[float]:
-    """Milliseconds of each timed run of ``mode`` (for ``bwd``, the backward alone: a fresh
-    untimed forward precedes each)."""
-    for _ in range(warmup):
+def _time_once(runner: Runner, mode: str, device: str) -> float:
+    """Milliseconds of one run of ``mode`` (for ``bwd``, the backward alone: an untimed
+    forward precedes it)."""
+    out = None
+    if mode == "bwd":
+        out = runner.forward()
+        _sync(device)
+    t0 = time.perf_counter()
+    if mode == "bwd":
+        runner.backward(out)
+    else:
         runner.run(mode)
     _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start < min_seconds and len(times) < 100):
-        if mode == "bwd":
-            out = runner.forward()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def time_side_by_side(
+    runners: dict[str, Runner],
+    mode: str,
+    device: str,
+    *,
+    warmup: int,
+    reps: int,
+    min_seconds: float,
+) -> dict[str, list[float] | Exception]:
+    """Milliseconds of each round's run of ``mode`` per contender: every round runs each
+    contender once, in turn, until there are ``reps`` rounds and ``min_seconds`` have passed
+    (at most 100 rounds). A contender that raises is dropped and its exception returned."""
+    result: dict[str, list[float] | Exception] = {}
+    live = dict(runners)
+    for name, runner in list(live.items()):
+        try:
+            for _ in range(warmup):
+                runner.run(mode)
             _sync(device)
-            t0 = time.perf_counter()
-            runner.backward(out)
-        else:
-            t0 = time.perf_counter()
-            runner.run(mode)
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return times
+        except Exception as exc:  # a contender that fails is a result, not a crash
+            result[name] = exc
+            del live[name]
+    times: dict[str, list[float]] = {name: [] for name in live}
+    start = time.perf_counter()
+    rounds = 0
+    while live and (rounds < reps or (time.perf_counter() - start < min_seconds and rounds < 100)):
+        for name, runner in list(live.items()):
+            try:
+                times[name].append(_time_once(runner, mode, device))
+            except Exception as exc:
+                result[name] = exc
+                del live[name], times[name]
+        rounds += 1
+    result.update(times)
+    return result
 
 
-def peak_memory_mb(case: Case, contender: str, mode: str) -> float:
-    """Extra memory of one run of ``mode`` beyond the inputs, in MiB."""
+def peak_memory_mb(case: Case, contender: str, mode: str, runner: Runner | None = None) -> float:
+    """Extra memory of one run of ``mode`` beyond the inputs, in MiB (on CUDA, of ``runner``
+    when given)."""
     if case.device == "cuda":
-        runner = runner_for(case, contender)
+        runner = runner or runner_for(case, contender)
         runner.run(mode)  # warm-up: kernels compiled, workspaces allocated
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -177,15 +211,15 @@ def environment() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cuda": torch.version.cuda,
     }
-    for name in ("fastkd", "triton", "transformers", "liger_kernel", "cut_cross_entropy"):
+    for name in ("fastkd", "triton", "transformers", "liger-kernel", "cut-cross-entropy"):
         try:
-            module = importlib.import_module(name)
-            info[name] = getattr(module, "__version__", "installed")
-        except Exception:
-            info[name] = None
+            info[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name.replace("-", "_")] = None
     try:
+        # "-dirty" when the work tree had uncommitted changes.
         info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty"],
             capture_output=True,
             text=True,
             check=True,
@@ -220,29 +254,33 @@ def run_case(
     min_seconds: float = 0.5,
     skip: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Every contender (and the floor) on one case, in every mode of its op: a JSON row per
-    contender and mode, each time also given as a ratio to the floor's time for the mode."""
+    """Every contender (and the floor) on one case, timed side by side in every mode of its
+    op: a JSON row per contender and mode (one row for an unavailable contender)."""
     module = op_module(case.op)
     modes = getattr(module, "MODES", MODES)
     rows = []
-    floor_ms: dict[str, float] = {}
-    names = list(module.contenders(case))
+    runners: dict[str, Runner] = {}
+    names = [n for n in module.contenders(case) if n not in skip]
     names.sort(key=lambda n: n != "floor")  # the floor first: every ratio needs it
     for name in names:
-        if name in skip:
-            continue
-        for mode in modes:
+        base = {**dataclasses.asdict(case), "contender": name}
+        try:
+            runners[name] = runner_for(case, name)
+        except Unavailable as exc:
+            rows.append({**base, "mode": modes[0], "status": "unavailable", "reason": str(exc)})
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            rows.append({**base, "mode": modes[0], "status": "error", "reason": reason})
+    for mode in modes:
+        timed = time_side_by_side(
+            runners, mode, case.device, warmup=warmup, reps=reps, min_seconds=min_seconds
+        )
+        floor = timed.get("floor")
+        for name, times in timed.items():
             row = {**dataclasses.asdict(case), "contender": name, "mode": mode}
-            try:
-                runner = runner_for(case, name)
-                times = time_mode(
-                    runner, mode, case.device, warmup=warmup, reps=reps, min_seconds=min_seconds
-                )
-            except Unavailable as exc:
-                rows.append({**row, "status": "unavailable", "reason": str(exc)})
-                break
-            except Exception as exc:  # a contender that fails is a result, not a crash
-                rows.append({**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
+            if isinstance(times, Exception):
+                reason = f"{type(times).__name__}: {times}"
+                rows.append({**row, "status": "error", "reason": reason})
                 continue
             q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
             median = statistics.median(times)
@@ -252,12 +290,10 @@ def run_case(
                 p20_ms=q[0],
                 p80_ms=q[3],
                 runs=len(times),
-                **runner.notes,
+                **runners[name].notes,
             )
-            if name == "floor":
-                floor_ms[mode] = median
-            if mode in floor_ms:
-                row["ratio_to_floor"] = median / floor_ms[mode]
+            if isinstance(floor, list):
+                row["ratio_to_floor"] = statistics.median(t / f for t, f in zip(times, floor))
             flops, nbytes = module.work(case, mode)
             if flops:
                 row["tflops"] = flops / median / 1e9
@@ -265,17 +301,19 @@ def run_case(
                 row["gbps"] = nbytes / median / 1e6
             if mode in memory_modes:
                 try:
-                    row["peak_mem_mb"] = peak_memory_mb(case, name, mode)
+                    row["peak_mem_mb"] = peak_memory_mb(case, name, mode, runners[name])
                 except Exception as exc:
                     row["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:500]
             rows.append(row)
-            del runner
-            if case.device == "cuda":
-                torch.cuda.empty_cache()
+    runners.clear()
+    if case.device == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
-def write_results(path: Path, rows: list[dict]) -> None:
-    """Write one run's rows, with the environment they were measured in, to ``path``."""
+def write_results(path: Path, rows: list[dict], **extra: object) -> None:
+    """Write one run's rows, with the environment they were measured in (and ``extra``
+    top-level entries), to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+    data = {"environment": environment(), **extra, "rows": rows}
+    path.write_text(json.dumps(data, indent=1))

@@ -1,5 +1,8 @@
 """The suite behind ``fastkd bench``: every op at the real shapes of the device (scaled down on
-the CPU), results as JSON under ``bench/results/<device>/`` and a plot beside them."""
+the CPU), results as JSON under ``bench/results/<device>/`` and a plot beside them.
+
+With ``--time-budget`` the suite starts no new case once the budget is spent; the cases left
+out are listed in the JSON (``skipped_cases``) and printed."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def cases(op: str, device: str, dtype: str, quick: bool) -> list[Case]:
     for shape in shapes:
         bt, vocab, *hidden = shape
         extra = dict(zip(("hidden", "teacher_hidden"), hidden))
-        # Liger's fused linear losses are JSD: compare the fused-linear op on JSD.
+        # Liger's fused linear losses are JSD: compare the fused linear op on JSD.
         divergence = "jsd" if op == "fused_linear_kd_loss" else "kl"
         out.append(
             Case(
@@ -55,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny shapes, no torch.compile, memory of full steps only",
+        help="tiny shapes, no contender that calls torch.compile, memory of full steps only",
     )
     parser.add_argument("--op", action="append", choices=OPS, help="ops to run (default: all)")
     parser.add_argument(
@@ -71,18 +74,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip", action="append", default=[], metavar="CONTENDER")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new case after this many seconds (default: no limit)",
+    )
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     out_dir = args.out or RESULTS / device_slug(args.device)
-    skip = tuple(args.skip) + (("compile",) if args.quick else ())
+    start = time.monotonic()
     written = []
     for op in args.op or OPS:
-        rows = []
+        compiled = getattr(op_module(op), "COMPILED", ()) if args.quick else ()
+        skip = (*args.skip, *compiled)
+        rows, skipped = [], []
         for case in cases(op, args.device, dtype, args.quick):
-            start = time.time()
             key = plot.case_key(case.__dict__)
+            if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                skipped.append(plot.label(key))
+                print(f"{op} {plot.label(key)}: skipped, {args.time_budget:.0f} s budget spent")
+                continue
+            case_start = time.monotonic()
             print(f"{op} {plot.label(key)} {dtype} on {args.device} ...", flush=True)
             memory = () if args.no_memory else ("full",) if args.quick else MODES
             rows += run_case(
@@ -93,9 +109,11 @@ def run(args: argparse.Namespace) -> list[Path]:
                 min_seconds=0.1 if args.quick else 0.5,
             )
             print(plot.table([r for r in rows if plot.case_key(r) == key]))
-            print(f"  ({time.time() - start:.0f} s)")
+            print(f"  ({time.monotonic() - case_start:.0f} s)", flush=True)
+        if not rows:
+            continue
         path = out_dir / f"{op}{'-quick' if args.quick else ''}.json"
-        write_results(path, rows)
+        write_results(path, rows, **({"skipped_cases": skipped} if skipped else {}))
         written.append(path)
         written += plot.plot_file(path)
     for path in written:

@@ -1,4 +1,5 @@
-"""Command line: ``fastkd demo | distill | eval | bench`` (also ``python -m fastkd ...``)."""
+"""Command line: ``fastkd demo | distill | eval | bench | check-gpu`` (also
+``python -m fastkd ...``)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ def _bench(args: argparse.Namespace) -> None:
     from fastkd.bench.run import run
 
     run(args)
+
+
+def _check_gpu(args: argparse.Namespace) -> int:
+    from fastkd.check_gpu import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,14 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark the losses against eager, compile, peers")
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    from fastkd.check_gpu import add_arguments as add_check_gpu_arguments
+
+    check = sub.add_parser(
+        "check-gpu",
+        help="on a CUDA machine: build, correctness suite, memcheck, benchmark (< 25 min)",
+        description="On a machine with a CUDA GPU: build the CUDA kernels if needed, run the "
+        "correctness suite on CUDA tensors, compute-sanitizer memcheck on a small case, and the "
+        "benchmark at real shapes; then say what passed, failed and was skipped. Exits 1 on "
+        "any failure, and at once (one line) without a GPU.",
+    )
+    add_check_gpu_arguments(check)
+    check.set_defaults(func=_check_gpu)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
