@@ -150,11 +150,12 @@ def time_side_by_side(
     warmup: int,
     reps: int,
     min_seconds: float,
-) -> dict[str, list[float] | Exception]:
+) -> dict[str, list[float] | str]:
     """Milliseconds of each round's run of ``mode`` per contender: every round runs each
     contender once, in turn, until there are ``reps`` rounds and ``min_seconds`` have passed
-    (at most 100 rounds). A contender that raises is dropped and its exception returned."""
-    result: dict[str, list[float] | Exception] = {}
+    (at most 100 rounds). A contender that raises is dropped, its error given as text (not the
+    exception, whose traceback would keep its tensors alive)."""
+    result: dict[str, list[float] | str] = {}
     live = dict(runners)
     for name, runner in list(live.items()):
         try:
@@ -162,7 +163,7 @@ def time_side_by_side(
                 runner.run(mode)
             _sync(device)
         except Exception as exc:  # a contender that fails is a result, not a crash
-            result[name] = exc
+            result[name] = f"{type(exc).__name__}: {exc}"
             del live[name]
     times: dict[str, list[float]] = {name: [] for name in live}
     start = time.perf_counter()
@@ -172,7 +173,7 @@ def time_side_by_side(
             try:
                 times[name].append(_time_once(runner, mode, device))
             except Exception as exc:
-                result[name] = exc
+                result[name] = f"{type(exc).__name__}: {exc}"
                 del live[name], times[name]
         rounds += 1
     result.update(times)
@@ -278,9 +279,8 @@ def run_case(
         floor = timed.get("floor")
         for name, times in timed.items():
             row = {**dataclasses.asdict(case), "contender": name, "mode": mode}
-            if isinstance(times, Exception):
-                reason = f"{type(times).__name__}: {times}"
-                rows.append({**row, "status": "error", "reason": reason})
+            if isinstance(times, str):
+                rows.append({**row, "status": "error", "reason": times})
                 continue
             q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
             median = statistics.median(times)

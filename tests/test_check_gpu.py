@@ -86,7 +86,8 @@ def test_summary_names_failures_and_skips():
 
 
 def test_read_bench_log(tmp_path):
-    """fastkd's errors fail the check; peers' errors and unavailable contenders are skips."""
+    """fastkd's errors fail the check; the others' errors (eager out of memory, a peer's bug)
+    and unavailable contenders are reported as skipped."""
     from fastkd.bench.harness import write_results
 
     row = {"op": "kd_loss", "bt": 8192, "vocab": 128256, "alpha": 0.5, "mode": "fwd"}
@@ -94,6 +95,7 @@ def test_read_bench_log(tmp_path):
         {**row, "contender": "floor", "status": "ok"},
         {**row, "contender": "fastkd-cuda", "status": "error", "reason": "RuntimeError: x"},
         {**row, "contender": "liger", "status": "error", "reason": "OutOfMemoryError"},
+        {**row, "contender": "eager", "status": "error", "reason": "OutOfMemoryError"},
         {**row, "contender": "fastkd-cpu", "status": "unavailable", "reason": "CPU tensors"},
     ]
     result = tmp_path / "kd_loss.json"
@@ -105,6 +107,7 @@ def test_read_bench_log(tmp_path):
     assert failures == ["bench kd_loss fastkd-cuda: RuntimeError: x"]
     assert skipped == [
         "bench kd_loss 8192x256000: time budget spent",
+        "bench kd_loss eager: OutOfMemoryError",
         "bench kd_loss fastkd-cpu: CPU tensors",
         "bench kd_loss liger: OutOfMemoryError",
     ]
