@@ -1,51 +1,188 @@
-"""Validated scalar options shared by every fastkd loss.
+"""The loss options, declared once, and the argument set the kernels receive.
 
-The loss of one token (DESIGN §1), with ``alpha`` the weight of the hard-label cross-entropy:
-
-    loss = ce_weight * CE(z_s, y) + kd_weight * T^2 * D(p_T || q_T)
-    ce_weight = alpha, kd_weight = 1 - alpha   (unless both weights are spelled out)
-
-Kernels receive the options as plain numbers (``KDOptions.kernel_args``) in one fixed order,
-the same for the C++, CUDA and Triton backends.
+``LossOptions`` is the one declaration of the options every fastkd loss takes (``kd_loss``,
+``fused_linear_kd_loss``, ``KDLoss``, ``FusedLinearKDLoss``): each field's name, type, default
+and doc. ``takes_loss_options`` turns the fields into keyword parameters of a loss function's
+signature and a section of its docstring, so ``help()`` and ``inspect.signature`` show them.
+Constructing ``LossOptions`` validates them; ``kernel_args`` resolves them to the canonical
+``KernelArgs`` of the op contract (docs/design.md §1, §2).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from dataclasses import dataclass
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import field
+from typing import Any, Literal, NamedTuple, TypeVar
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-REDUCTIONS = ("mean", "sum", "none", "batchmean")
-VOCAB_MODES = ("truncate", "pad")
+Divergence = Literal["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
+Reduction = Literal["mean", "sum", "none", "batchmean"]
+VocabMode = Literal["truncate", "pad"]
+
+DIVERGENCES: tuple[str, ...] = typing.get_args(Divergence)
+REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
+VOCAB_MODES: tuple[str, ...] = typing.get_args(VocabMode)
 DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
 
-
-def _check_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+# A docstring line holding only this marker is replaced by the options' docs.
+OPTIONS_MARKER = "<loss options>"
 
 
-@dataclass(frozen=True)
-class KDOptions:
-    """Resolved loss options. ``divergence`` is canonical: jsd with beta 0/1 and the skew
-    divergences with skew 0 are rewritten to the plain KL they equal, so kernels never see a
-    degenerate mixture (and the log of a zero weight)."""
+class KernelArgs(NamedTuple):
+    """The scalar arguments of the kernel ops, in the order of their schemas (docs/design.md §2).
+    ``fastkd/_ops.py`` generates the schemas from these fields."""
 
-    divergence: str = "kl"
-    temperature: float = 2.0
-    kd_weight: float = 0.5
-    ce_weight: float = 0.5
-    mix: float = 0.0  # beta for jsd, skew for the skew divergences, unused otherwise
-    ignore_index: int = -100
-    student_scale: float = 1.0
-    student_softcap: float = 0.0  # 0 means no softcap
-    teacher_scale: float = 1.0
-    teacher_softcap: float = 0.0
-    vocab: str | None = None
+    divergence: int  # DIVERGENCE_CODES; canonical: never a mixture with weight 0
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    mix: float  # beta for jsd, skew for the skew divergences, 0 otherwise
+    ignore_index: int
+    kd_vocab: int  # student columns in the KD term
+    student_scale: float
+    student_softcap: float  # 0: no softcap
+    teacher_scale: float
+    teacher_softcap: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The options of every fastkd loss, checked when constructed. Per token::
+
+        loss = alpha * CE(z_s, label) + (1 - alpha) * T^2 * D(p_T || q_T)
+
+    **alpha is the weight of the hard-label cross-entropy**, ``1 - alpha`` that of the
+    distillation term, which is multiplied by T^2 so its gradient keeps its scale as T changes
+    (Hinton et al.). The teacher gets no gradient.
+
+    Args:
+        <loss options>
+    """
+
+    temperature: float = field(
+        default=2.0,
+        metadata={
+            "doc": "T > 0 of the distillation term: q = softmax(z_s / T), p = softmax(z_t / T)."
+        },
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={
+            "doc": "weight of the hard-label CE in [0, 1]; 1 - alpha weighs the T^2-scaled "
+            "distillation term. Default 0.5 when neither kd_weight nor ce_weight is given. "
+            "alpha=1 is plain CE (the teacher is not read), alpha=0 plain distillation (labels "
+            "may be None)."
+        },
+    )
+    kd_weight: float | None = field(
+        default=None,
+        metadata={
+            "doc": "weight >= 0 of the T^2-scaled distillation term, instead of alpha (with or "
+            "without ce_weight; a missing one is 0)."
+        },
+    )
+    ce_weight: float | None = field(
+        default=None,
+        metadata={
+            "doc": "weight >= 0 of the CE term, instead of alpha (a missing kd_weight is 0)."
+        },
+    )
+    divergence: Divergence = field(
+        default="kl",
+        metadata={
+            "doc": "kl (KL(p||q)), reverse_kl (KL(q||p)), jsd (generalized JSD with beta: "
+            "beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q; beta=0 is forward KL "
+            "and beta=1 reverse KL, as in TRL), tvd (0.5*sum|p-q|), skew_kl (KL(p || skew*p + "
+            "(1-skew)*q)) or skew_reverse_kl (KL(q || skew*q + (1-skew)*p))."
+        },
+    )
+    beta: float = field(
+        default=0.5, metadata={"doc": "jsd's weight of the teacher in the mixture, in [0, 1]."}
+    )
+    skew: float = field(
+        default=0.1, metadata={"doc": "the skew divergences' mixture weight, in [0, 1)."}
+    )
+    ignore_index: int = field(
+        default=-100,
+        metadata={"doc": "label of tokens that count in neither term (their loss is 0)."},
+    )
+    reduction: Reduction = field(
+        default="mean",
+        metadata={
+            "doc": "mean (sum of the token losses / sum of the weights of the counted tokens, 0 "
+            "when none counts), sum, none (per token, in the labels' shape, 0 where ignored) or "
+            "batchmean (sum / N, N the number of tokens: B*S for [B, S, V] input, ignored ones "
+            "included). The hand-written (1 - alpha) * T^2 * F.kl_div(log q, log p, "
+            "reduction='batchmean', log_target=True) + alpha * F.cross_entropy(z_s, labels) "
+            "equals the default mean only when no label is ignored: fastkd leaves an ignored "
+            "token out of the KL term too, F.kl_div does not. batchmean divides by N, "
+            "torch.nn.KLDivLoss(reduction='batchmean') by input.size(0), which is B for "
+            "[B, S, V] input: they agree for [N, V] input."
+        },
+    )
+    student_logit_scale: float = field(
+        default=1.0,
+        metadata={"doc": "> 0, multiplies the student's raw logits first (Cohere's logit_scale)."},
+    )
+    teacher_logit_scale: float = field(
+        default=1.0, metadata={"doc": "the same for the teacher's logits."}
+    )
+    student_softcap: float | None = field(
+        default=None,
+        metadata={
+            "doc": "cap > 0: the scaled student logits become cap * tanh(x / cap) (Gemma's "
+            "final softcap); None for none. -inf stays -inf."
+        },
+    )
+    teacher_softcap: float | None = field(
+        default=None, metadata={"doc": "the same for the teacher's logits."}
+    )
+    vocab: VocabMode | None = field(
+        default=None,
+        metadata={
+            "doc": "when the vocabularies differ: truncate compares on the shared prefix, pad "
+            "treats the teacher's missing entries as -inf (p = 0 there; needs a teacher "
+            "vocabulary no larger than the student's). The CE always uses every student column."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if _number("temperature", self.temperature) <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.kd_weight is not None or self.ce_weight is not None:
+            if self.alpha is not None:
+                raise ValueError(
+                    "give either alpha or kd_weight/ce_weight, not both "
+                    "(alpha is the CE weight and 1 - alpha the KD weight)"
+                )
+            for name in ("kd_weight", "ce_weight"):
+                value = getattr(self, name)
+                if value is not None and _number(name, value) < 0:
+                    raise ValueError(f"{name} must be >= 0, got {value}")
+        elif self.alpha is not None and not 0.0 <= _number("alpha", self.alpha) <= 1.0:
+            raise ValueError(f"alpha (the CE weight) must be in [0, 1], got {self.alpha}")
+        _choice("divergence", self.divergence, DIVERGENCES)
+        if not 0.0 <= _number("beta", self.beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= _number("skew", self.skew) < 1.0:
+            raise ValueError(f"skew must be in [0, 1), got {self.skew}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        _choice("reduction", self.reduction, REDUCTIONS)
+        for who in ("student", "teacher"):
+            name = f"{who}_logit_scale"
+            if _number(name, getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            name = f"{who}_softcap"
+            cap = getattr(self, name)
+            if cap is not None and _number(name, cap) <= 0:
+                raise ValueError(f"{name} must be > 0 or None, got {cap}")
+        if self.vocab is not None:
+            _choice("vocab", self.vocab, VOCAB_MODES, " or None")
 
     def kd_vocab(self, student_vocab: int, teacher_vocab: int) -> int:
         """Number of leading student columns that take part in the distillation term."""
@@ -66,121 +203,104 @@ class KDOptions:
             )
         return student_vocab
 
-    def kernel_args(self, kd_vocab: int) -> tuple:
-        """Scalar arguments of the kernel ops, in the order of their schemas."""
-        return (
-            DIVERGENCE_CODES[self.divergence],
-            self.temperature,
-            self.kd_weight,
-            self.ce_weight,
-            self.mix,
-            self.ignore_index,
-            kd_vocab,
-            self.student_scale,
-            self.student_softcap,
-            self.teacher_scale,
-            self.teacher_softcap,
+    def kernel_args(self, student_vocab: int, teacher_vocab: int) -> KernelArgs:
+        """The canonical kernel arguments: the weights from alpha, and jsd with beta 0/1 or a
+        skew divergence with skew 0 rewritten to the plain KL they equal, so no kernel sees a
+        mixture weight of 0 (and its log)."""
+        if self.kd_weight is None and self.ce_weight is None:
+            ce_weight = 0.5 if self.alpha is None else float(self.alpha)
+            kd_weight = 1.0 - ce_weight
+        else:
+            kd_weight, ce_weight = float(self.kd_weight or 0.0), float(self.ce_weight or 0.0)
+        divergence, mix = self.divergence, 0.0
+        if divergence == "jsd":
+            mix = float(self.beta)
+            if mix in (0.0, 1.0):  # TRL's convention: beta=0 is forward KL, beta=1 reverse KL
+                divergence, mix = ("kl" if mix == 0.0 else "reverse_kl"), 0.0
+        elif divergence in ("skew_kl", "skew_reverse_kl"):
+            mix = float(self.skew)
+            if mix == 0.0:
+                divergence = divergence.removeprefix("skew_")
+        return KernelArgs(
+            divergence=DIVERGENCE_CODES[divergence],
+            temperature=float(self.temperature),
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            mix=mix,
+            ignore_index=self.ignore_index,
+            kd_vocab=self.kd_vocab(student_vocab, teacher_vocab),
+            student_scale=float(self.student_logit_scale),
+            student_softcap=float(self.student_softcap or 0.0),
+            teacher_scale=float(self.teacher_logit_scale),
+            teacher_softcap=float(self.teacher_softcap or 0.0),
         )
 
 
-def resolve_options(
-    *,
-    temperature: float = 2.0,
-    alpha: float | None = None,
-    kd_weight: float | None = None,
-    ce_weight: float | None = None,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    ignore_index: int = -100,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    vocab: str | None = None,
-) -> KDOptions:
-    """Check every scalar option and return the canonical ``KDOptions``."""
-    temperature = _check_number("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-    if kd_weight is not None or ce_weight is not None:
-        if alpha is not None:
-            raise ValueError(
-                "give either alpha or kd_weight/ce_weight, not both "
-                "(alpha is the CE weight and 1 - alpha the KD weight)"
-            )
-        kd_w = 0.0 if kd_weight is None else _check_number("kd_weight", kd_weight)
-        ce_w = 0.0 if ce_weight is None else _check_number("ce_weight", ce_weight)
-        for name, value in (("kd_weight", kd_w), ("ce_weight", ce_w)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-    else:
-        a = 0.5 if alpha is None else _check_number("alpha", alpha)
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"alpha (the CE weight) must be in [0, 1], got {a}")
-        kd_w, ce_w = 1.0 - a, a
-
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    beta = _check_number("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    skew = _check_number("skew", skew)
-    if not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew must be in [0, 1), got {skew}")
-
-    mix = 0.0
-    if divergence == "jsd":
-        # TRL's generalized JSD convention: beta=0 is forward KL, beta=1 is reverse KL.
-        if beta == 0.0:
-            divergence = "kl"
-        elif beta == 1.0:
-            divergence = "reverse_kl"
-        else:
-            mix = beta
-    elif divergence in ("skew_kl", "skew_reverse_kl"):
-        if skew == 0.0:
-            divergence = "kl" if divergence == "skew_kl" else "reverse_kl"
-        else:
-            mix = skew
-
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-    scales = {}
-    for name, value in (
-        ("student_logit_scale", student_logit_scale),
-        ("teacher_logit_scale", teacher_logit_scale),
-    ):
-        scales[name] = _check_number(name, value)
-        if scales[name] <= 0:
-            raise ValueError(f"{name} must be > 0, got {scales[name]}")
-    caps = {}
-    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
-        caps[name] = 0.0 if value is None else _check_number(name, value)
-        if value is not None and caps[name] <= 0:
-            raise ValueError(f"{name} must be > 0 or None, got {caps[name]}")
-
-    if vocab is not None and vocab not in VOCAB_MODES:
-        raise ValueError(f"vocab must be one of {VOCAB_MODES} or None, got {vocab!r}")
-
-    return KDOptions(
-        divergence=divergence,
-        temperature=temperature,
-        kd_weight=kd_w,
-        ce_weight=ce_w,
-        mix=mix,
-        ignore_index=ignore_index,
-        student_scale=scales["student_logit_scale"],
-        student_softcap=caps["student_softcap"],
-        teacher_scale=scales["teacher_logit_scale"],
-        teacher_softcap=caps["teacher_softcap"],
-        vocab=vocab,
-    )
+LOSS_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
 
 
-def check_reduction(reduction: str) -> str:
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...], extra: str = "") -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}{extra}, got {value!r}")
+
+
+# --- the options in signatures and docstrings ------------------------------------------------
+
+
+def option_parameters() -> list[inspect.Parameter]:
+    """The fields of ``LossOptions`` as keyword-only parameters, with defaults and types."""
+    hints = typing.get_type_hints(LossOptions)
+    return [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name]
+        )
+        for f in dataclasses.fields(LossOptions)
+    ]
+
+
+def document_options(doc: str) -> str:
+    """``doc`` with its ``OPTIONS_MARKER`` line replaced by one entry per option (its default
+    is said where it is not None; the doc of a None default says what None means)."""
+    lines = doc.split("\n")
+    (i,) = [i for i, line in enumerate(lines) if line.strip() == OPTIONS_MARKER]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    entries = [
+        textwrap.fill(
+            f"{f.name}: {f.metadata['doc']}"
+            + ("" if f.default is None else f" Default {f.default!r}."),
+            width=96,
+            initial_indent=indent,
+            subsequent_indent=indent + "    ",
+        )
+        for f in dataclasses.fields(LossOptions)
+    ]
+    return "\n".join([*lines[:i], *entries, *lines[i + 1 :]])
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def takes_loss_options(function: _Function) -> _Function:
+    """Give a loss function whose ``**options`` are the ``LossOptions`` fields the options as
+    keyword parameters in its signature (before its own) and their docs in its docstring (at
+    ``OPTIONS_MARKER``). The function itself is unchanged, so it still traces."""
+    sig = inspect.signature(function, eval_str=True)
+    *own, rest = sig.parameters.values()
+    if rest.kind is not inspect.Parameter.VAR_KEYWORD:
+        raise TypeError(f"{function.__name__} must end with **options")
+    keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    function.__signature__ = sig.replace(parameters=[*positional, *option_parameters(), *keyword])
+    function.__doc__ = document_options(function.__doc__)
+    return function
+
+
+LossOptions.__doc__ = document_options(LossOptions.__doc__)

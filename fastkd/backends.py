@@ -1,15 +1,18 @@
-"""Backend discovery and per-call selection.
+"""Backends: one object per implementation of the op contract, and per-call selection.
 
-Backends: ``triton`` (Triton kernels in ``fastkd.kernels``; CUDA tensors, or CPU tensors through
-Triton's interpreter when ``TRITON_INTERPRET=1``), ``cuda`` and ``cpu`` (the C++ extension
-``fastkd._C``), ``reference`` (plain PyTorch, always available). A call picks, in order: the
-``backend=`` argument, the ``FASTKD_BACKEND`` environment variable, then the default for the
-tensors' device. A missing or broken native build never breaks ``import fastkd``: it only makes
-the native backends unavailable, and ``backends()`` says why.
+Every backend implements ``Backend`` (docs/design.md §4): ``name``, ``status()``, ``load()``,
+``check_device()`` and the fwd/bwd of the op contract (docs/design.md §2). ``triton`` runs the
+Triton kernels in ``fastkd.kernels`` (CUDA tensors, or CPU tensors through Triton's interpreter
+when ``TRITON_INTERPRET=1``), ``cuda`` and ``cpu`` the C++ extension ``fastkd._C``,
+``reference`` plain PyTorch (always available). A call picks, in order: the ``backend=``
+argument, the ``FASTKD_BACKEND`` environment variable, then the default for the tensors' device.
+A missing or broken native build never breaks ``import fastkd``: it only makes the native
+backends unavailable, and ``backends()`` says why.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib
 import importlib.util
@@ -19,15 +22,166 @@ from typing import NamedTuple
 
 import torch
 
-from fastkd import _ops
+from fastkd import _ops, reference
+from fastkd._options import KernelArgs
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BackendStatus(NamedTuple):
     available: bool
     reason: str  # why not, or what it runs on when available
+
+
+class Backend(abc.ABC):
+    """One implementation of ``kd_loss_fwd`` / ``kd_loss_bwd`` (docs/design.md §2)."""
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]  # of the logits it computes on
+
+    @abc.abstractmethod
+    def status(self) -> BackendStatus:
+        """Whether it is usable here and, if not, why."""
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Make ``fwd`` and ``bwd`` callable (cheap after the first call)."""
+
+    @abc.abstractmethod
+    def check_device(self, device: torch.device, source: str) -> None:
+        """Raise a RuntimeError, naming ``source``, unless it runs on tensors of ``device``."""
+
+    @abc.abstractmethod
+    def fwd(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        args: KernelArgs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss [N], stats [N, 4]) of [N, Vs] student and [N, Vt] teacher rows."""
+
+    @abc.abstractmethod
+    def bwd(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        stats: torch.Tensor,
+        grad_loss: torch.Tensor,
+        args: KernelArgs,
+        grad: torch.Tensor,
+    ) -> None:
+        """Write grad_loss[i] * d loss[i] / d student[i] into ``grad`` (may be ``student``)."""
+
+
+class _OpBackend(Backend):
+    """A backend whose fwd/bwd are the torch.library ops ``fastkd::{prefix}kd_loss_*``."""
+
+    prefix: str
+    device_type: str
+    dtypes = KERNEL_DTYPES
+
+    @property
+    def ops(self) -> _ops.KernelOps:
+        return _ops.kernel_ops(self.prefix)
+
+    def check_device(self, device: torch.device, source: str) -> None:
+        if device.type != self.device_type:
+            raise RuntimeError(
+                f"{source}={self.name!r} runs on {self.device_type} tensors, got {device.type}"
+            )
+
+    def fwd(self, student, teacher, labels, weights, args):
+        return self.ops.fwd(student, teacher, labels, weights, *args)
+
+    def bwd(self, student, teacher, labels, weights, stats, grad_loss, args, grad):
+        self.ops.bwd(student, teacher, labels, weights, stats, grad_loss, *args, grad)
+
+
+class TritonBackend(_OpBackend):
+    name, prefix, device_type = "triton", "triton_", "cuda"
+
+    def status(self) -> BackendStatus:
+        if err := _triton_import_error():
+            return BackendStatus(False, err)
+        if torch.cuda.is_available():
+            return BackendStatus(True, "CUDA tensors")
+        if interpreting():
+            return BackendStatus(
+                True, "CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)"
+            )
+        return BackendStatus(False, "no CUDA device, and TRITON_INTERPRET=1 is not set")
+
+    def load(self) -> None:
+        _ops.register_triton()
+
+    def check_device(self, device: torch.device, source: str) -> None:
+        if device.type == "cpu" and interpreting():
+            return
+        if device.type == "cpu":
+            raise RuntimeError(
+                "backend='triton' got CPU tensors: set TRITON_INTERPRET=1 before importing "
+                "fastkd to run the Triton kernels through Triton's interpreter, or use "
+                "backend='cpu'"
+            )
+        super().check_device(device, source)
+
+
+class NativeBackend(_OpBackend):
+    """The C++ extension's ops, which dispatch on the tensors' device (``cpu`` and ``cuda``)."""
+
+    prefix = ""
+
+    def __init__(self, device_type: str) -> None:
+        self.name = self.device_type = device_type
+
+    def status(self) -> BackendStatus:
+        module, err = _native()
+        if module is None:
+            return BackendStatus(False, err)
+        if self.device_type == "cuda":
+            if not module.has_cuda():
+                return BackendStatus(
+                    False, "fastkd._C was built without CUDA (no CUDA toolkit or CPU-only torch)"
+                )
+            if not torch.cuda.is_available():
+                return BackendStatus(False, "no CUDA device")
+        return BackendStatus(True, module.build_info())
+
+    def load(self) -> None:
+        importlib.import_module("fastkd._C")  # its static initialisers register the kernels
+
+
+class ReferenceBackend(Backend):
+    """``fastkd.reference``: plain PyTorch on any device, fp64 inputs in fp64."""
+
+    name = "reference"
+    dtypes = (*KERNEL_DTYPES, torch.float64)
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(True, "pure PyTorch, any device")
+
+    def load(self) -> None:
+        pass
+
+    def check_device(self, device: torch.device, source: str) -> None:
+        pass
+
+    def fwd(self, student, teacher, labels, weights, args):
+        return reference.kd_loss_fwd(student, teacher, labels, weights, args)
+
+    def bwd(self, student, teacher, labels, weights, stats, grad_loss, args, grad):
+        reference.kd_loss_bwd(student, teacher, labels, weights, stats, grad_loss, args, grad)
+
+
+_REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (TritonBackend(), NativeBackend("cuda"), NativeBackend("cpu"), ReferenceBackend())
+}
+BACKENDS = tuple(_REGISTRY)
 
 
 @functools.cache
@@ -43,10 +197,6 @@ def _native() -> tuple[ModuleType | None, str]:
         )
         return None, f"fastkd._C is not importable ({exc}); {hint}"
     return module, ""
-
-
-def native_module() -> ModuleType | None:
-    return _native()[0]
 
 
 def interpreting() -> bool:
@@ -65,82 +215,55 @@ def _triton_import_error() -> str:
     return ""
 
 
-def _status(name: str) -> BackendStatus:
-    if name == "reference":
-        return BackendStatus(True, "pure PyTorch, any device")
-    if name == "triton":
-        if err := _triton_import_error():
-            return BackendStatus(False, err)
-        if torch.cuda.is_available():
-            return BackendStatus(True, "CUDA tensors")
-        if interpreting():
-            return BackendStatus(
-                True, "CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)"
-            )
-        return BackendStatus(False, "no CUDA device, and TRITON_INTERPRET=1 is not set")
-    module, err = _native()
-    if module is None:
-        return BackendStatus(False, err)
-    if name == "cpu":
-        return BackendStatus(True, module.build_info())
-    if not module.has_cuda():
-        return BackendStatus(
-            False, "fastkd._C was built without CUDA (no CUDA toolkit or CPU-only torch)"
-        )
-    if not torch.cuda.is_available():
-        return BackendStatus(False, "no CUDA device")
-    return BackendStatus(True, module.build_info())
-
-
 def backends() -> dict[str, BackendStatus]:
     """Every backend with whether it is usable here and, if not, why."""
-    return {name: _status(name) for name in BACKENDS}
+    return {name: backend.status() for name, backend in _REGISTRY.items()}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object of a name that ``select_backend`` returned."""
+    return _REGISTRY[name]
+
+
+def check_backend_name(backend: str | None) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
 @torch.compiler.assume_constant_result  # runs once while tracing; the graph keeps the name
 def select_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend for one call on tensors of ``device`` and ``dtype``, loaded and ready, or a
-    clear error."""
-    name = _choose(requested, device, dtype)
-    if name != "reference":
-        _ops.load(name)
-    return name
+    """The name of the backend for one call on tensors of ``device`` and ``dtype``, loaded and
+    ready, or a clear error."""
+    backend = _choose(requested, device, dtype)
+    backend.load()
+    return backend.name
 
 
-def _choose(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+def _choose(requested: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
     source = "backend"
     if requested is None and os.environ.get("FASTKD_BACKEND"):
         requested, source = os.environ["FASTKD_BACKEND"], "FASTKD_BACKEND"
     if requested is None:
-        if dtype not in KERNEL_DTYPES:
-            return "reference"  # fp64 ground truth
-        if device.type == "cuda":
-            return "triton" if _status("triton").available else "reference"
-        if device.type == "cpu" and _status("cpu").available:
-            return "cpu"
-        return "reference"
-
-    if requested not in BACKENDS:
+        return _REGISTRY[_default(device, dtype)]
+    if requested not in _REGISTRY:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
-    if requested == "reference":
-        return requested
-    if dtype not in KERNEL_DTYPES:
+    backend = _REGISTRY[requested]
+    if dtype not in backend.dtypes:
         raise TypeError(
             f"{source}={requested!r} computes on float32/bfloat16/float16 logits, got {dtype}; "
             "use backend='reference' for float64"
         )
-    status = _status(requested)
+    status = backend.status()
     if not status.available:
         raise RuntimeError(f"{source}={requested!r} is not available: {status.reason}")
-    wanted = {"cpu": "cpu", "cuda": "cuda"}.get(requested)
-    if requested == "triton":
-        wanted = "cpu" if interpreting() and device.type == "cpu" else "cuda"
-    if device.type != wanted:
-        if requested == "triton" and device.type == "cpu":
-            raise RuntimeError(
-                "backend='triton' got CPU tensors: set TRITON_INTERPRET=1 before importing "
-                "fastkd to run the Triton kernels through Triton's interpreter, or use "
-                "backend='cpu'"
-            )
-        raise RuntimeError(f"{source}={requested!r} runs on {wanted} tensors, got {device.type}")
-    return requested
+    backend.check_device(device, source)
+    return backend
+
+
+def _default(device: torch.device, dtype: torch.dtype) -> str:
+    if dtype in KERNEL_DTYPES:
+        if device.type == "cuda" and _REGISTRY["triton"].status().available:
+            return "triton"
+        if device.type == "cpu" and _REGISTRY["cpu"].status().available:
+            return "cpu"
+    return "reference"  # fp64 ground truth, or no kernel for the device

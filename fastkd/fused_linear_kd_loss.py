@@ -1,11 +1,12 @@
 """Fused linear KD loss: hidden states and lm_head weights in, the [N, V] logits of neither model
-ever materialized (DESIGN §2).
+ever materialized (docs/design.md §5).
 
 Tokens are processed in chunks of ``c`` rows. Per chunk: the student's and the teacher's
 logits (fp32, whatever the input dtype, so the softmax is not fed rounded logits), the fused
 row kernel of ``kd_loss`` writing the gradient over the student chunk in place, then
 ``grad_h[c] = g @ W_s`` and ``grad_W_s += g^T @ h_s[c]``. The chunk size comes from a memory
-budget, so the extra memory does not grow with N.
+budget, so the extra memory does not grow with N. With CE only (``kd_weight`` 0) no backend
+reads the teacher: none is needed, and its logits are neither computed nor budgeted for.
 
 For the scalar reductions the gradients are finished in the forward (the scale of each row is
 known: 1/sum(w) for ``mean``), and backward only multiplies them by grad_output. For
@@ -16,16 +17,15 @@ chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 
 from fastkd import _inputs
-from fastkd._ops import kernel_ops
-from fastkd._options import KDOptions, check_reduction, resolve_options
-from fastkd.backends import select_backend
+from fastkd._options import KernelArgs, LossOptions, takes_loss_options
+from fastkd.backends import Backend, get_backend, select_backend
 from fastkd.kd_loss import LossModule
-from fastkd.reference import kd_loss_rows, transform_logits
+from fastkd.reference import compute_dtype, transform_logits
 
 MiB = 1 << 20
 DEFAULT_MEMORY_BUDGET = {"cpu": 64 * MiB, "cuda": 2048 * MiB}
@@ -35,11 +35,10 @@ DEFAULT_MEMORY_BUDGET = {"cpu": 64 * MiB, "cuda": 2048 * MiB}
 class _Plan:
     """Everything about one call that is not a tensor."""
 
-    opts: KDOptions
-    backend: str
+    args: KernelArgs
+    backend: Backend
     reduction: str
     chunk: int
-    kd_vocab: int
     low_precision_gemm: bool  # bf16/fp16 GEMMs with fp32 output (CUDA) instead of upcasts
     parts: bool  # also report the CE contribution (for logging)
 
@@ -60,7 +59,7 @@ class _Gemms:
 
     def __init__(self, plan: _Plan, dtype: torch.dtype) -> None:
         self.low = plan.low_precision_gemm
-        self.ct = torch.float64 if dtype == torch.float64 else torch.float32
+        self.ct = compute_dtype(dtype)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.low else x.to(self.ct)
@@ -83,48 +82,26 @@ def _chunk_rows(zs, zt, labels, weights, plan: _Plan, grad_scale):
     """Loss of each row of a chunk, and its CE contribution when ``plan.parts`` (else None).
     With ``grad_scale`` [c], also overwrite ``zs`` with the gradient of
     sum(grad_scale * loss) with respect to it."""
-    lse = None
-    if plan.backend == "reference":
-        if plan.parts:
-            with torch.no_grad():
-                x = transform_logits(zs, plan.opts.student_scale, plan.opts.student_softcap)
-                lse = torch.logsumexp(x, -1)
-        if grad_scale is None:
-            rows = kd_loss_rows(zs, zt, labels, weights, plan.opts)
-        else:
-            with torch.enable_grad():
-                z = zs.detach().requires_grad_(True)
-                rows = kd_loss_rows(z, zt, labels, weights, plan.opts)
-                (g,) = torch.autograd.grad(
-                    rows, z, grad_scale.to(rows.dtype), materialize_grads=True
-                )
-            rows = rows.detach()
-        ce = _ce_rows(zs, labels, weights, plan, lse) if plan.parts else None
-        if grad_scale is not None:
-            zs.copy_(g)
-        return rows, ce
-    ops = kernel_ops(plan.backend)
-    args = plan.opts.kernel_args(plan.kd_vocab)
-    loss, stats = ops.fwd(zs, zt, labels, weights, *args)
+    loss, stats = plan.backend.fwd(zs, zt, labels, weights, plan.args)
     ce = _ce_rows(zs, labels, weights, plan, stats[:, 2]) if plan.parts else None
     if grad_scale is not None:
-        ops.bwd(zs, zt, labels, weights, stats, grad_scale.contiguous(), *args, zs)
+        plan.backend.bwd(zs, zt, labels, weights, stats, grad_scale.contiguous(), plan.args, zs)
     return loss, ce
 
 
 def _ce_rows(zs, labels, weights, plan: _Plan, lse):
     """Weighted CE contribution of each row, from the chunk's logits and their log-sum-exp
     at T = 1 (must run before the logits are overwritten by their gradient)."""
-    opts = plan.opts
-    if labels is None or not opts.ce_weight:
+    args = plan.args
+    if labels is None or not args.ce_weight:
         return None
-    live = labels != opts.ignore_index
+    live = labels != args.ignore_index
     target = torch.where(live, labels, 0)
     x_y = transform_logits(
-        zs.gather(1, target[:, None]).squeeze(1), opts.student_scale, opts.student_softcap
+        zs.gather(1, target[:, None]).squeeze(1), args.student_scale, args.student_softcap
     )
     w = live.to(lse.dtype) if weights is None else live * weights.to(lse.dtype)
-    return torch.where(w != 0, opts.ce_weight * w * (lse - x_y), 0.0)
+    return torch.where(w != 0, args.ce_weight * w * (lse - x_y), 0.0)
 
 
 def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
@@ -137,11 +114,13 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
     gemm = _Gemms(plan, h_s.dtype)
     ct = gemm.ct
     ws = gemm.operand(w_s)
-    wt = None if w_t is None else gemm.operand(w_t)
     rows_max = min(plan.chunk, n)
     zs_buf = h_s.new_empty((rows_max, w_s.shape[0]), dtype=ct)
-    vt = z_t.shape[1] if z_t is not None else w_t.shape[0]
-    zt_buf = h_s.new_empty((rows_max, vt), dtype=ct)
+    kd = plan.args.kd_weight != 0  # CE only: no backend reads the teacher (docs/design.md §2)
+    if kd:
+        wt = None if w_t is None else gemm.operand(w_t)
+        vt = z_t.shape[1] if z_t is not None else w_t.shape[0]
+        zt_buf = h_s.new_empty((rows_max, vt), dtype=ct)
     loss = h_s.new_empty(n, dtype=ct)
     ce = h_s.new_zeros(n, dtype=ct)
     want = grad_scale is not None
@@ -151,18 +130,18 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
     grad_b = None
     if want and needs[2] and b_s is not None:
         grad_b = torch.zeros(b_s.shape, dtype=ct, device=b_s.device)
-    kd = plan.opts.kd_weight != 0  # CE only: no kernel reads the teacher, skip its logits
     for start in range(0, n, plan.chunk):
         rows = slice(start, min(start + plan.chunk, n))
         hs = gemm.operand(h_s[rows])
         zs = gemm.into(hs, ws.t(), zs_buf[: rows.stop - start])
         if b_s is not None:
             zs.add_(b_s)
-        zt = zt_buf[: rows.stop - start]
-        if kd and z_t is not None:
-            zt.copy_(z_t[rows])
-        elif kd:
-            gemm.into(gemm.operand(h_t[rows]), wt.t(), zt)
+        if not kd:
+            zt = zs[:, :0]  # a teacher with no columns: nothing to read
+        elif z_t is not None:
+            zt = zt_buf[: rows.stop - start].copy_(z_t[rows])
+        else:
+            zt = gemm.into(gemm.operand(h_t[rows]), wt.t(), zt_buf[: rows.stop - start])
             if b_t is not None:
                 zt.add_(b_t)
         loss[rows], ce_rows = _chunk_rows(
@@ -208,14 +187,13 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 loss, ce, _ = _chunk_loop(plan, tensors, None, needs)
                 ctx.save_for_backward(*tensors)
             else:
-                ct = torch.float64 if h_s.dtype == torch.float64 else torch.float32
                 scale = _inputs.row_scale(
                     plan.reduction,
                     h_s.shape[0],
                     labels,
                     weights,
-                    plan.opts.ignore_index,
-                    ct,
+                    plan.args.ignore_index,
+                    compute_dtype(h_s.dtype),
                     h_s.device,
                 )
                 grad_scale = scale.expand(h_s.shape[0]) if any(needs) else None
@@ -230,12 +208,13 @@ class FusedLinearKDFunction(torch.autograd.Function):
         if ctx.plan.reduction == "none":
             needs = ctx.needs_input_grad[:3]
             with torch.autocast(grad_out.device.type, enabled=False):
-                _, _, grads = _chunk_loop(ctx.plan, ctx.saved_tensors, grad_out.float(), needs)
+                _, _, grads = _chunk_loop(ctx.plan, ctx.saved_tensors, grad_out, needs)
         else:  # finished in forward for a grad_out of 1
             grads = [None if g is None else g.mul_(grad_out) for g in ctx.saved_tensors]
         return (*grads, None, None, None, None, None, None, None)
 
 
+@overload
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -246,33 +225,62 @@ def fused_linear_kd_loss(
     teacher_logits: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     shift_labels: bool = False,
-    temperature: float = 2.0,
-    alpha: float | None = None,
-    kd_weight: float | None = None,
-    ce_weight: float | None = None,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    backend: str | None = None,
+    return_parts: Literal[False] = False,
+    **options: Any,
+) -> torch.Tensor: ...
+
+
+@overload
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    vocab: str | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    shift_labels: bool = False,
+    backend: str | None = None,
+    return_parts: Literal[True],
+    **options: Any,
+) -> KDLossParts: ...
+
+
+@takes_loss_options
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    shift_labels: bool = False,
     backend: str | None = None,
     return_parts: bool = False,
+    **options: Any,
 ) -> torch.Tensor | KDLossParts:
     """KD loss of ``kd_loss`` computed from hidden states and lm_head weights, chunk by chunk,
     so that neither model's [N, V] logits exist.
 
     ``loss = alpha * CE + (1 - alpha) * T^2 * D(p_teacher || q_student)`` per token, exactly as
     :func:`fastkd.kd_loss` on ``student_hidden @ student_weight.T (+ bias)`` and the teacher's
-    logits; every option of ``kd_loss`` means the same here (``alpha`` is the CE weight).
+    logits; the options are those of ``kd_loss`` (``alpha`` is the CE weight).
 
     Args:
         student_hidden: [N, Hs] or [B, S, Hs] final hidden states of the student.
@@ -281,13 +289,18 @@ def fused_linear_kd_loss(
         teacher_hidden, teacher_weight, teacher_bias: the teacher as hidden states [.., Ht]
             and head [Vt, Ht] (+ [Vt]); any width and float dtype.
         teacher_logits: or the teacher as logits [N, Vt] / [B, S, Vt] (then no teacher head).
+            With CE only (``alpha=1`` or ``kd_weight=0``) no teacher is needed.
         student_bias: optional [V] student lm_head bias.
+        token_weights: optional [N] or [B, S] per-token multipliers.
         chunk_size: token rows per chunk; default from ``memory_budget``.
-        memory_budget: bytes for one chunk's logits (student + teacher, fp32); default
-            64 MiB on CPU, 2 GiB on CUDA.
+        memory_budget: bytes for one chunk's logits (student, and teacher with a KD term,
+            fp32); default 64 MiB on CPU, 2 GiB on CUDA.
         shift_labels: labels are at the input positions (transformers convention); the loss
             at position t uses labels[t + 1], the last position of each sequence is ignored.
+        backend: ``triton``, ``cuda``, ``cpu`` or ``reference``; default ``FASTKD_BACKEND``,
+            else by device (see ``fastkd.backends()``).
         return_parts: return ``KDLossParts(loss, kd, ce)`` (detached parts, for logging).
+        <loss options>
 
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``; the teacher
     gets none and no teacher activation is kept. Logits are fp32 (bf16/fp16 GEMMs accumulate
@@ -297,22 +310,7 @@ def fused_linear_kd_loss(
         The reduced loss in the dtype of ``student_hidden`` (per token for ``none``), or
         ``KDLossParts`` with ``return_parts``.
     """
-    opts = resolve_options(
-        temperature=temperature,
-        alpha=alpha,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        divergence=divergence,
-        beta=beta,
-        skew=skew,
-        ignore_index=ignore_index,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
-        vocab=vocab,
-    )
-    reduction = check_reduction(reduction)
+    opts = LossOptions(**options)
     h_s = _inputs.check_tensor("student_hidden", student_hidden)
     w_s = _inputs.check_tensor("student_weight", student_weight)
     _inputs.check_float("student_hidden", h_s)
@@ -321,6 +319,7 @@ def fused_linear_kd_loss(
     batch_shape = h_s.shape[:-1]
     vs = w_s.shape[0]
 
+    vt = None  # no teacher
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError(
@@ -329,30 +328,32 @@ def fused_linear_kd_loss(
             )
         _check_teacher_rows("teacher_logits", teacher_logits, "Vt", h_s)
         vt = teacher_logits.shape[-1]
-    else:
+    elif teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
         if teacher_hidden is None or teacher_weight is None:
-            raise ValueError(
-                "the teacher is missing: pass teacher_hidden and teacher_weight, or teacher_logits"
-            )
+            raise ValueError("the teacher is missing: pass teacher_hidden and teacher_weight")
         _check_teacher_rows("teacher_hidden", teacher_hidden, "Ht", h_s)
         _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
         vt = teacher_weight.shape[0]
-    kd_vocab = opts.kd_vocab(vs, vt)
+    args = opts.kernel_args(vs, vs if vt is None else vt)
+    if vt is None and args.kd_weight:
+        raise ValueError(
+            "the teacher is missing: pass teacher_hidden and teacher_weight, or teacher_logits "
+            "(only CE alone, alpha=1 or kd_weight=0, needs no teacher)"
+        )
 
     if shift_labels and labels is not None:
-        labels = _shift(labels, batch_shape, opts.ignore_index)
+        labels = _shift(labels, batch_shape, args.ignore_index)
     labels = _inputs.check_labels(
-        labels, batch_shape, h_s.device, vs, opts.ignore_index, opts.ce_weight
+        labels, batch_shape, h_s.device, vs, args.ignore_index, args.ce_weight
     )
     weights = _inputs.check_token_weights(token_weights, batch_shape, h_s.device)
-    chosen = select_backend(backend, h_s.device, h_s.dtype)
+    chosen = get_backend(select_backend(backend, h_s.device, h_s.dtype))
     low_precision = h_s.device.type == "cuda" and h_s.dtype in (torch.bfloat16, torch.float16)
     plan = _Plan(
-        opts=opts,
+        args=args,
         backend=chosen,
-        reduction=reduction,
-        chunk=_chunk(chunk_size, memory_budget, h_s, vs, vt, low_precision),
-        kd_vocab=kd_vocab,
+        reduction=opts.reduction,
+        chunk=_chunk(chunk_size, memory_budget, h_s, _row_bytes(args, vs, vt, low_precision)),
         low_precision_gemm=low_precision,
         parts=return_parts,
     )
@@ -369,7 +370,7 @@ def fused_linear_kd_loss(
         weights,
         plan,
     )
-    if reduction == "none":
+    if opts.reduction == "none":
         loss, ce = loss.reshape(batch_shape), ce.reshape(batch_shape)
     loss = loss.to(h_s.dtype)
     if not return_parts:
@@ -422,7 +423,14 @@ def _shift(labels, batch_shape, ignore_index):
     return shifted
 
 
-def _chunk(chunk_size, memory_budget, h_s, vs, vt, low_precision) -> int:
+def _row_bytes(args: KernelArgs, vs: int, vt: int | None, low_precision: bool) -> int:
+    """Bytes of one row of a chunk's buffers: fp32 student logits, the teacher's with a KD
+    term, and the low-precision copy of the gradient for the GEMMs."""
+    teacher = vt if args.kd_weight else 0
+    return 4 * (vs + teacher) + (2 * vs if low_precision else 0)
+
+
+def _chunk(chunk_size, memory_budget, h_s, row_bytes: int) -> int:
     n = max(1, h_s.shape[:-1].numel())
     if chunk_size is not None:
         if memory_budget is not None:
@@ -434,38 +442,12 @@ def _chunk(chunk_size, memory_budget, h_s, vs, vt, low_precision) -> int:
         memory_budget = DEFAULT_MEMORY_BUDGET.get(h_s.device.type, DEFAULT_MEMORY_BUDGET["cpu"])
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    # fp32 student and teacher logits, plus the low-precision copy of the gradient for GEMMs.
-    per_row = 4 * (vs + vt) + (2 * vs if low_precision else 0)
-    return max(1, min(n, memory_budget // per_row))
+    return max(1, min(n, memory_budget // row_bytes))
 
 
-class FusedLinearKDLoss(LossModule):
+class FusedLinearKDLoss(LossModule, function=fused_linear_kd_loss):
     """Module form of :func:`fused_linear_kd_loss`: options at construction, tensors in
     ``forward``. ``alpha`` is the CE weight; ``1 - alpha`` weighs the T^2-scaled KD term."""
-
-    def __init__(
-        self,
-        *,
-        temperature: float = 2.0,
-        alpha: float | None = None,
-        kd_weight: float | None = None,
-        ce_weight: float | None = None,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        skew: float = 0.1,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        student_logit_scale: float = 1.0,
-        teacher_logit_scale: float = 1.0,
-        student_softcap: float | None = None,
-        teacher_softcap: float | None = None,
-        vocab: str | None = None,
-        chunk_size: int | None = None,
-        memory_budget: int | None = None,
-        shift_labels: bool = False,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__(locals())
 
     def forward(
         self,
@@ -490,5 +472,5 @@ class FusedLinearKDLoss(LossModule):
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             token_weights=token_weights,
-            **self.options,
+            **self.settings,
         )

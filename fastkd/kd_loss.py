@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from fastkd import _inputs
-from fastkd._ops import kernel_ops
-from fastkd._options import KDOptions, check_reduction, resolve_options
-from fastkd.backends import BACKENDS, select_backend
-from fastkd.reference import ReferenceKDFunction
+from fastkd._options import (
+    LOSS_OPTION_NAMES,
+    OPTIONS_MARKER,
+    KernelArgs,
+    LossOptions,
+    document_options,
+    takes_loss_options,
+)
+from fastkd.backends import Backend, check_backend_name, get_backend, select_backend
 
 
 class KDLossFunction(torch.autograd.Function):
-    """Autograd for the kernel backends (triton, cuda, cpu): forward is the kernels' pass 1
-    (per-row loss and statistics), backward their pass 2 (the gradient, written once).
+    """Autograd of the per-row loss, for every backend: forward is the backend's fwd (per-row
+    loss and statistics), backward its bwd (the gradient, written once; docs/design.md §2).
 
-    With ``inplace_grad`` the forward already writes d loss_i / d z_s[i] over the student
-    logits and backward only scales it by grad_output: no second [N, V] buffer exists.
+    With ``inplace`` the forward already writes d loss_i / d z_s[i] over the student logits and
+    backward only scales it by grad_output: no second [N, V] buffer exists.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, weights, backend: str, args: tuple, inplace: bool):
-        ops = kernel_ops(backend)
-        loss, stats = ops.fwd(student, teacher, labels, weights, *args)
+    def forward(
+        ctx, student, teacher, labels, weights, backend: Backend, args: KernelArgs, inplace
+    ):
+        loss, stats = backend.fwd(student, teacher, labels, weights, args)
         ctx.backend, ctx.args = backend, args
         ctx.inplace = inplace and student.requires_grad
         if ctx.inplace:
             ones = torch.ones_like(loss)
-            ops.bwd(student, teacher, labels, weights, stats, ones, *args, student)
+            backend.bwd(student, teacher, labels, weights, stats, ones, args, student)
             ctx.save_for_backward(student)  # saved after the write: later edits are caught
         else:
             ctx.save_for_backward(student, teacher, labels, weights, stats)
@@ -41,58 +51,22 @@ class KDLossFunction(torch.autograd.Function):
         else:
             student, teacher, labels, weights, stats = ctx.saved_tensors
             grad = torch.empty_like(student)
-            kernel_ops(ctx.backend).bwd(
-                student,
-                teacher,
-                labels,
-                weights,
-                stats,
-                grad_loss.to(torch.float32).contiguous(),
-                *ctx.args,
-                grad,
+            ctx.backend.bwd(
+                student, teacher, labels, weights, stats, grad_loss.contiguous(), ctx.args, grad
             )
         return grad, None, None, None, None, None, None
 
 
-def kd_loss_rows(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    weights: torch.Tensor | None,
-    opts: KDOptions,
-    backend: str,
-    inplace_grad: bool = False,
-) -> torch.Tensor:
-    """Per-row weighted loss [N] (fp32; fp64 on the reference with fp64 inputs) of checked 2-D
-    inputs, through the chosen backend's autograd Function."""
-    if backend == "reference":
-        return ReferenceKDFunction.apply(student, teacher, labels, weights, opts)
-    args = opts.kernel_args(opts.kd_vocab(student.shape[1], teacher.shape[1]))
-    return KDLossFunction.apply(student, teacher, labels, weights, backend, args, inplace_grad)
-
-
+@takes_loss_options
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    temperature: float = 2.0,
-    alpha: float | None = None,
-    kd_weight: float | None = None,
-    ce_weight: float | None = None,
-    divergence: str = "kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     token_weights: torch.Tensor | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    vocab: str | None = None,
     inplace_grad: bool = False,
     backend: str | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss of student against teacher logits, fused over the vocabulary.
 
@@ -104,6 +78,7 @@ def kd_loss(
     the distillation term, which is multiplied by T^2 so its gradient scale does not change
     with T (Hinton et al.). To spell both weights out, pass ``kd_weight`` and/or
     ``ce_weight`` instead of ``alpha`` (a missing one is 0). The teacher gets no gradient.
+    The options are the fields of :class:`fastkd.LossOptions` (docs/design.md §1).
 
     Args:
         student_logits: [N, V] or [B, S, V]; float32, bfloat16 or float16 (float64 runs on the
@@ -111,47 +86,17 @@ def kd_loss(
         teacher_logits: same leading shape, dtype and device; vocabulary may differ with ``vocab``.
         labels: [N] or [B, S] integer class ids, ``ignore_index`` where a token does not count
             (for either term). Needed when the CE weight is > 0.
-        temperature: T > 0 of the distillation term.
-        alpha: CE weight in [0, 1]; default 0.5 when neither ``kd_weight`` nor ``ce_weight``.
-        divergence: ``kl`` (KL(p||q), default), ``reverse_kl`` (KL(q||p)), ``jsd`` (generalized
-            JSD with ``beta``: beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q;
-            beta=0 is forward KL and beta=1 reverse KL, as in TRL), ``tvd`` (0.5*sum|p-q|),
-            ``skew_kl`` (KL(p || skew*p + (1-skew)*q)) and ``skew_reverse_kl``
-            (KL(q || skew*q + (1-skew)*p)), skew in [0, 1).
-        ignore_index: label value of tokens that contribute nothing.
-        reduction: ``mean`` (sum of weighted token losses / sum of weights of counted tokens,
-            0 when none count), ``sum``, ``none`` (per-token, 0 where ignored) or ``batchmean``
-            (sum / number of tokens, as ``torch.nn.KLDivLoss``).
+        <loss options>
         token_weights: optional [N] or [B, S] per-token multipliers.
-        student_logit_scale, teacher_logit_scale: multiply raw logits first (Cohere).
-        student_softcap, teacher_softcap: then ``cap * tanh(z / cap)`` (Gemma); -inf stays -inf.
-        vocab: when the vocabularies differ, ``truncate`` compares on the shared prefix and
-            ``pad`` treats the teacher's missing entries as -inf (p = 0 there). CE always
-            uses the full student vocabulary.
-        inplace_grad: kernel backends write the gradient over ``student_logits`` during the
-            forward (saves one [N, V] buffer); the logits are garbage afterwards.
+        inplace_grad: write the gradient over ``student_logits`` during the forward (saves one
+            [N, V] buffer); the logits are garbage afterwards.
         backend: ``triton``, ``cuda``, ``cpu`` or ``reference``; default ``FASTKD_BACKEND``,
             else by device (see ``fastkd.backends()``).
 
     Returns:
         The reduced loss (shape [] or, for ``none``, the labels' shape), in the logits' dtype.
     """
-    opts = resolve_options(
-        temperature=temperature,
-        alpha=alpha,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        divergence=divergence,
-        beta=beta,
-        skew=skew,
-        ignore_index=ignore_index,
-        student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale,
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
-        vocab=vocab,
-    )
-    reduction = check_reduction(reduction)
+    opts = LossOptions(**options)
     student = _inputs.check_tensor("student_logits", student_logits)
     teacher = _inputs.check_tensor("teacher_logits", teacher_logits)
     _inputs.check_float("student_logits", student)
@@ -165,53 +110,68 @@ def kd_loss(
             f"{tuple(student.shape)} in the leading (token) dimensions"
         )
     batch_shape = student.shape[:-1]
-    opts.kd_vocab(student.shape[-1], teacher.shape[-1])  # vocabulary mismatch check
+    args = opts.kernel_args(student.shape[-1], teacher.shape[-1])
     labels = _inputs.check_labels(
-        labels, batch_shape, student.device, student.shape[-1], opts.ignore_index, opts.ce_weight
+        labels, batch_shape, student.device, student.shape[-1], args.ignore_index, args.ce_weight
     )
     weights = _inputs.check_token_weights(token_weights, batch_shape, student.device)
-    chosen = select_backend(backend, student.device, student.dtype)
-
-    rows = kd_loss_rows(
+    chosen = get_backend(select_backend(backend, student.device, student.dtype))
+    rows = KDLossFunction.apply(
         _inputs.rows_2d(student),
         _inputs.rows_2d(teacher),
         labels,
         weights,
-        opts,
         chosen,
+        args,
         inplace_grad,
     )
-    loss = _inputs.reduce_loss(rows, labels, weights, opts.ignore_index, reduction, batch_shape)
+    loss = _inputs.reduce_loss(
+        rows, labels, weights, args.ignore_index, opts.reduction, batch_shape
+    )
     return loss.to(student.dtype)
 
 
 class LossModule(torch.nn.Module):
-    """Base of the loss modules: options given at construction and checked there, so a bad
-    configuration fails at once and not at the first batch; tensors in ``forward``."""
+    """Base of the loss modules: the functional form's settings (the loss options and its own
+    keyword settings, less what ``forward`` takes per call) given at construction and checked
+    there, so a bad configuration fails at once and not at the first batch."""
 
-    NOT_SCALAR = (
-        "reduction",
-        "inplace_grad",
-        "backend",
-        "chunk_size",
-        "memory_budget",
-        "shift_labels",
-    )
+    _settings: inspect.Signature
 
-    def __init__(self, arguments: dict) -> None:
+    def __init_subclass__(cls, *, function: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        per_call = inspect.signature(cls.forward).parameters
+        settings = [
+            p
+            for p in inspect.signature(function).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in per_call and p.name != "return_parts"
+        ]
+        cls._settings = inspect.Signature(settings)
+
+        def __init__(self: LossModule, **settings: Any) -> None:
+            LossModule.__init__(self, **settings)
+
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        __init__.__signature__ = cls._settings.replace(parameters=[self_param, *settings])
+        __init__.__doc__ = document_options(
+            f"Settings of :func:`fastkd.{function.__name__}` (its other keyword arguments are "
+            f"documented there), checked here.\n\n    Args:\n        {OPTIONS_MARKER}\n"
+        )
+        cls.__init__ = __init__
+
+    def __init__(self, **settings: Any) -> None:
         super().__init__()
-        self.options = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
-        resolve_options(**{k: v for k, v in self.options.items() if k not in self.NOT_SCALAR})
-        check_reduction(self.options["reduction"])
-        backend = self.options["backend"]
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        bound = self._settings.bind(**settings)
+        bound.apply_defaults()
+        self.settings = dict(bound.arguments)
+        LossOptions(**{k: v for k, v in self.settings.items() if k in LOSS_OPTION_NAMES})
+        check_backend_name(self.settings["backend"])
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if v is not None)
 
 
-class KDLoss(LossModule):
+class KDLoss(LossModule, function=kd_loss):
     """Module form of :func:`kd_loss`: options at construction, tensors in ``forward``.
 
     ``alpha`` is the hard-label CE weight (default 0.5); ``1 - alpha`` weighs the T^2-scaled
@@ -221,28 +181,6 @@ class KDLoss(LossModule):
         loss = loss_fn(student_logits, teacher_logits, labels)
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 2.0,
-        alpha: float | None = None,
-        kd_weight: float | None = None,
-        ce_weight: float | None = None,
-        divergence: str = "kl",
-        beta: float = 0.5,
-        skew: float = 0.1,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        student_logit_scale: float = 1.0,
-        teacher_logit_scale: float = 1.0,
-        student_softcap: float | None = None,
-        teacher_softcap: float | None = None,
-        vocab: str | None = None,
-        inplace_grad: bool = False,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__(locals())
-
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -251,5 +189,5 @@ class KDLoss(LossModule):
         token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return kd_loss(
-            student_logits, teacher_logits, labels, token_weights=token_weights, **self.options
+            student_logits, teacher_logits, labels, token_weights=token_weights, **self.settings
         )

@@ -1,8 +1,10 @@
-"""Plain-PyTorch reference of the fastkd loss (DESIGN §1).
+"""Plain-PyTorch reference of the fastkd loss (docs/design.md §1).
 
-Used three ways: as ground truth in every test and benchmark (call it with fp64 inputs), as the
-``reference`` backend (always available), and as the documentation of the math the kernels
-must reproduce. Gradients come from autograd, so they check the kernels' hand-derived ones.
+Used three ways: as ground truth in every test and benchmark (``kd_loss_rows`` with fp64
+inputs), as the ``reference`` backend (always available; ``kd_loss_fwd`` / ``kd_loss_bwd``
+implement the op contract of docs/design.md §2), and as the documentation of the math the
+kernels must reproduce. Gradients come from autograd, so they check the kernels' hand-derived
+ones.
 
 Conventions the kernels share: a probability that is exactly 0 contributes 0 to every sum
 (0 * log 0 = 0), so ``-inf`` logits (masked vocabulary) give finite results; a student ``-inf``
@@ -17,7 +19,7 @@ import math
 
 import torch
 
-from fastkd._options import KDOptions
+from fastkd._options import DIVERGENCES, KernelArgs
 
 # Rows per chunk are chosen so one fp32 temporary holds about this many elements.
 CHUNK_ELEMENTS = 1 << 22
@@ -78,94 +80,117 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, kind: str, mix: float) -> tor
     raise ValueError(f"unknown divergence {kind!r}")
 
 
+def loss_and_lses(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    args: KernelArgs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted loss [n] of each row of [n, Vs] student and [n, Vt] teacher logits, and the
+    log-sum-exps (lse(x_s / T), lse(x_t / T), lse(x_s)) [n, 3] of the op contract's stats.
+
+    Differentiable with respect to ``student``. In the compute dtype, 0 for rows whose label is
+    ``ignore_index`` or whose token weight is 0. The teacher is not read without a KD term.
+    """
+    ct = compute_dtype(student.dtype)
+    n = student.shape[0]
+    weight = torch.ones(n, dtype=ct, device=student.device)
+    if token_weights is not None:
+        weight = weight * token_weights.to(ct)
+    if labels is not None:
+        weight = torch.where(labels == args.ignore_index, 0.0, weight)
+    live = weight != 0
+    # Rows that do not count are zeroed first: whatever they hold must not reach the sums.
+    xs = transform_logits(
+        torch.where(live[:, None], student.to(ct), 0.0), args.student_scale, args.student_softcap
+    )
+    total = torch.zeros(n, dtype=ct, device=student.device)
+    lse_a = lse_b = torch.zeros(n, dtype=ct, device=student.device)
+    if args.kd_weight:
+        kv = args.kd_vocab
+        xt = transform_logits(
+            torch.where(live[:, None], teacher[:, :kv].to(ct), 0.0),
+            args.teacher_scale,
+            args.teacher_softcap,
+        )
+        if xt.shape[1] < kv:  # vocab="pad": the teacher has no mass on the extra columns
+            xt = torch.nn.functional.pad(xt, (0, kv - xt.shape[1]), value=-math.inf)
+        t = args.temperature
+        a, b = xs[:, :kv] / t, xt / t
+        lse_a, lse_b = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
+        d = divergence(
+            b - lse_b[:, None], a - lse_a[:, None], DIVERGENCES[args.divergence], args.mix
+        )
+        total = total + args.kd_weight * t * t * d
+    lse_c = torch.logsumexp(xs, -1)
+    if args.ce_weight and labels is not None:
+        target = torch.where(live, labels, 0).long()
+        total = total + args.ce_weight * (lse_c - xs.gather(1, target[:, None]).squeeze(1))
+    lses = torch.stack([lse_a, lse_b, lse_c], 1)
+    return torch.where(live, weight * total, 0.0), torch.where(live[:, None], lses, 0.0)
+
+
 def kd_loss_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
     token_weights: torch.Tensor | None,
-    opts: KDOptions,
+    args: KernelArgs,
 ) -> torch.Tensor:
-    """Weighted loss of each row of [n, Vs] student and [n, Vt] teacher logits.
+    """Weighted loss [n] of each row (``loss_and_lses``), differentiable wrt ``student``."""
+    return loss_and_lses(student, teacher, labels, token_weights, args)[0]
 
-    Differentiable with respect to ``student``. Returns [n] in the compute dtype, 0 for rows
-    whose label is ``ignore_index`` or whose token weight is 0.
-    """
+
+def _row_chunks(n: int, n_cols: int):
+    """Row slices such that one fp32 temporary of a chunk holds about CHUNK_ELEMENTS."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+    return (slice(i, i + rows) for i in range(0, n, rows))
+
+
+def _part(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def kd_loss_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    args: KernelArgs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op contract's forward (docs/design.md §2), chunked over rows: loss [N] and stats
+    [N, 4] in the compute dtype. stats[:, 3] (G) is 0: only a backend's own backward reads G,
+    and this one's backward is autograd."""
     ct = compute_dtype(student.dtype)
-    n, vs = student.shape
-    kv = opts.kd_vocab(vs, teacher.shape[1])
-
-    weight = torch.ones(n, dtype=ct, device=student.device)
-    if token_weights is not None:
-        weight = weight * token_weights.to(ct)
-    if labels is not None:
-        weight = torch.where(labels == opts.ignore_index, 0.0, weight)
-    live = weight != 0
-    # Rows that do not count are zeroed first: whatever they hold must not reach the sums.
-    xs = transform_logits(
-        torch.where(live[:, None], student.to(ct), 0.0), opts.student_scale, opts.student_softcap
-    )
-    xt = transform_logits(
-        torch.where(live[:, None], teacher.to(ct), 0.0), opts.teacher_scale, opts.teacher_softcap
-    )
-
-    total = torch.zeros(n, dtype=ct, device=student.device)
-    if opts.kd_weight:
-        xt = xt[:, :kv]
-        if xt.shape[1] < kv:  # vocab="pad": the teacher has no mass on the extra columns
-            xt = torch.nn.functional.pad(xt, (0, kv - xt.shape[1]), value=-math.inf)
-        t = opts.temperature
-        lq = torch.log_softmax(xs[:, :kv] / t, dim=-1)
-        lp = torch.log_softmax(xt / t, dim=-1)
-        total = total + opts.kd_weight * t * t * divergence(lp, lq, opts.divergence, opts.mix)
-    if opts.ce_weight:
-        target = torch.where(live, labels, 0).long()
-        ce = torch.logsumexp(xs, dim=-1) - xs.gather(1, target[:, None]).squeeze(1)
-        total = total + opts.ce_weight * ce
-    return torch.where(live, weight * total, 0.0)
-
-
-def chunk_rows(n_cols: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, n_cols))
-
-
-class ReferenceKDFunction(torch.autograd.Function):
-    """Row-chunked reference: forward keeps only per-row losses, backward recomputes each
-    chunk under autograd, so at most one chunk of fp32 temporaries is alive at a time."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, token_weights, opts: KDOptions):
-        ctx.save_for_backward(student, teacher, labels, token_weights)
-        ctx.opts = opts
-        rows = chunk_rows(student.shape[1])
-        out = [
-            kd_loss_rows(
-                student[i : i + rows],
-                teacher[i : i + rows],
-                None if labels is None else labels[i : i + rows],
-                None if token_weights is None else token_weights[i : i + rows],
-                opts,
+    loss = student.new_empty(student.shape[0], dtype=ct)
+    stats = student.new_zeros((student.shape[0], 4), dtype=ct)
+    with torch.no_grad():
+        for rows in _row_chunks(student.shape[0], student.shape[1]):
+            loss[rows], stats[rows, :3] = loss_and_lses(
+                student[rows], teacher[rows], _part(labels, rows), _part(weights, rows), args
             )
-            for i in range(0, student.shape[0], rows)
-        ]
-        return torch.cat(out) if out else student.new_zeros(0, dtype=compute_dtype(student.dtype))
+    return loss, stats
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        student, teacher, labels, token_weights = ctx.saved_tensors
-        grad = torch.empty_like(student)
-        rows = chunk_rows(student.shape[1])
-        for i in range(0, student.shape[0], rows):
-            with torch.enable_grad():
-                s = student[i : i + rows].detach().requires_grad_(True)
-                loss = kd_loss_rows(
-                    s,
-                    teacher[i : i + rows],
-                    None if labels is None else labels[i : i + rows],
-                    None if token_weights is None else token_weights[i : i + rows],
-                    ctx.opts,
-                )
-                (g,) = torch.autograd.grad(
-                    loss, s, grad_rows[i : i + rows].to(loss.dtype), materialize_grads=True
-                )
-            grad[i : i + rows] = g.masked_fill(s == -math.inf, 0.0)
-        return grad, None, None, None, None
+
+def kd_loss_bwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    stats: torch.Tensor,
+    grad_loss: torch.Tensor,
+    args: KernelArgs,
+    grad: torch.Tensor,
+) -> None:
+    """The op contract's backward: recompute each chunk of rows under autograd and write its
+    gradient into ``grad`` (which may be ``student``: a chunk is read before it is written).
+    A student -inf logit gets no gradient."""
+    for rows in _row_chunks(student.shape[0], student.shape[1]):
+        with torch.enable_grad():
+            s = student[rows].detach().requires_grad_(True)
+            loss = kd_loss_rows(s, teacher[rows], _part(labels, rows), _part(weights, rows), args)
+            (g,) = torch.autograd.grad(
+                loss, s, grad_loss[rows].to(loss.dtype), materialize_grads=True
+            )
+        grad[rows] = g.masked_fill(s == -math.inf, 0.0)

@@ -7,6 +7,7 @@ import torch
 from conftest import assert_close, device_for, kernel_backends
 
 import fastkd
+from fastkd.backends import get_backend
 from fastkd.memory import peak_memory_bytes
 
 BACKENDS = [pytest.param("reference", id="reference"), *kernel_backends()]
@@ -117,6 +118,38 @@ def test_ce_only_does_not_read_the_teacher(backend, teacher_as_logits):
     assert_close(loss, ce[0], atol=2e-5, rtol=2e-5, name="loss")
     for name, g, t in zip(STUDENT, grads, ce[1]):
         assert_close(g, t, atol=2e-5, rtol=2e-5, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [{"alpha": 1.0}, {"ce_weight": 0.7}], ids=["alpha1", "kd0"])
+def test_ce_only_needs_no_teacher(backend, weights):
+    """CE alone (alpha=1, or kd_weight=0) takes no teacher at all: the fused linear CE."""
+    p, labels = make_problem(seed=4)
+    truth_loss, truth_grads = run_materialized(p, labels, **weights)
+    p.update(dict.fromkeys(TEACHER))
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    loss, grads = run_fused(p, labels, device=device, backend=backend, chunk_size=8, **weights)
+    assert_close(loss, truth_loss, atol=2e-5, rtol=2e-5, name="loss")
+    for name, g, t in zip(STUDENT, grads, truth_grads):
+        assert_close(g, t, atol=2e-5, rtol=2e-5, name=f"grad {name}")
+    module = fastkd.FusedLinearKDLoss(backend=backend, chunk_size=8, **weights)
+    h, w, b = (p[k].to(device) for k in STUDENT)
+    assert torch.equal(module(h, w, labels.to(device), student_bias=b).detach(), loss)
+
+
+def test_ce_only_chunks_reserve_no_teacher_columns(monkeypatch):
+    """A memory budget of two rows of student logits: chunks of 2 rows for CE alone (teacher
+    given or not), of 1 row when the teacher's logits share the budget."""
+    p, labels = make_problem(n=12, seed=5)
+    reference = get_backend("reference")
+    rows, fwd = [], reference.fwd
+    monkeypatch.setattr(reference, "fwd", lambda zs, *a: rows.append(len(zs)) or fwd(zs, *a))
+    budget = 2 * 4 * p["student_weight"].shape[0]
+    for teacher, alpha, expected in [(True, 1.0, 2), (False, 1.0, 2), (True, 0.5, 1)]:
+        q = p if teacher else {**p, **dict.fromkeys(TEACHER)}
+        rows.clear()
+        run_fused(q, labels, backend="reference", memory_budget=budget, alpha=alpha)
+        assert rows == [expected] * (12 // expected), (teacher, alpha)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

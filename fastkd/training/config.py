@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastkd._options import resolve_options
+from fastkd._options import LossOptions
 
 LAYER_MODES = ("auto", "all", "key", "late")
 
@@ -64,7 +64,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        resolve_options(
+        LossOptions(
             temperature=self.temperature,
             alpha=self.alpha,
             divergence=self.divergence,
