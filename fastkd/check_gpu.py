@@ -44,14 +44,15 @@ TOTAL_BUDGET_S = 25 * 60
 BUDGETS_S = {"build": 300, "tests": 330, "memcheck": 150, "bench": 600}
 QUICK_BUDGETS_S = {"build": 300, "tests": 180, "memcheck": 150, "bench": 180}
 BENCH_SOFT_S = {False: 450, True: 90}  # by --quick: a case started at it still ends in time
-TEST_FILES = (
+TEST_FILES = (  # those present
     "tests/test_kd_loss.py",
     "tests/test_fused_linear_kd_loss.py",
     "tests/test_ops.py",
-    "tests/test_triton_aot.py",  # when present
+    "tests/test_triton_launch.py",  # the launchers' device guard and stream, aligned rows
+    "tests/test_triton_aot.py",
     "tests/test_gpu.py",
 )
-QUICK_TEST_FILES = ("tests/test_ops.py", "tests/test_gpu.py")
+QUICK_TEST_FILES = ("tests/test_ops.py", "tests/test_triton_launch.py", "tests/test_gpu.py")
 # The benchmark's order: the fused linear op (the peers' home ground) first, so a spent budget
 # cuts the least informative cases. The reference backend is plain PyTorch, like eager.
 BENCH_OPS = ("fused_linear_kd_loss", "kd_loss", "train_step")
