@@ -4,7 +4,10 @@ describes (this file only drives CMake).
 Install without build isolation, so the build sees the torch that is installed:
     pip install --no-build-isolation -e .
 FASTKD_SKIP_NATIVE=1 skips the native build (fastkd then runs on its Triton and reference
-backends); FASTKD_CUDA=0 skips the CUDA kernels; FASTKD_CUDA_ARCHS picks their architectures.
+backends); FASTKD_CUDA=0 skips the CUDA kernels; FASTKD_CUDA_ARCHS picks their architectures
+(default 80;90). An editable install puts fastkd/_C*.so into the source tree, so a second
+environment with another torch (e.g. `make cuda-check`'s .venv-cuda) installs non-editable.
+The build matrix is docs/design.md §6.
 """
 
 import os
@@ -16,6 +19,16 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+
+
+def cmake_build_name() -> str:
+    """One CMake build directory per Python and torch build (e.g. cmake-py311-torch2.14.1-cu130),
+    so environments with a CPU and a CUDA torch do not rebuild over each other's objects."""
+    import torch  # only when building: the build uses the installed torch (no build isolation)
+
+    version = torch.__version__.split("+")[0]
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return f"cmake-py{sys.version_info.major}{sys.version_info.minor}-torch{version}-{cuda}"
 
 
 class CMakeExtension(Extension):
@@ -32,7 +45,7 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
+        build_dir = ROOT / "build" / cmake_build_name()
         configure = [
             "cmake",
             "-S",
@@ -42,6 +55,7 @@ class CMakeBuild(build_ext):
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DFASTKD_OUTPUT_DIR={out_dir}",
             f"-DFASTKD_CUDA={'OFF' if os.environ.get('FASTKD_CUDA') == '0' else 'ON'}",
+            f"-DFASTKD_CUDA_ARCHS={os.environ.get('FASTKD_CUDA_ARCHS', '')}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
