@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, device_for, kernel_backends
+from conftest import assert_close, device_for, kernel_backends, tolerance
 
 import fastkd
 from fastkd._options import DIVERGENCES, LossOptions
@@ -65,7 +65,7 @@ def check_backend(backend, student, teacher, labels, *, dtype=torch.float32, gra
             **kw,
         )
     assert loss.dtype == dtype and grad.dtype == dtype
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 1e-2}
+    tol = tolerance(backend, dtype, student.shape[-1], **kw)
     assert_close(loss, t_loss, None if baseline is None else baseline[0], name="loss", **tol)
     assert_close(grad, t_grad, None if baseline is None else baseline[1], name="grad", **tol)
     return loss, grad
