@@ -1,27 +1,37 @@
-"""Triton kernels of the fused KD loss on logits, and their launchers.
+"""Triton kernels of the fused KD loss on logits, and their launchers (docs/design.md §5).
 
 One program per row. The forward streams the row in BLOCK-wide tiles with an online softmax
 (running max and sum of z_s/T, z_t/T and z_s, and the KL sums rescaled as the max moves); the
 divergences that are not plain KL take a second pass once the log-sum-exps are known. The
 backward streams the row once more and writes the gradient. Nothing of size [N, V] is
-allocated but the gradient. Math and contract: fastkd/_ops.py; truth: fastkd/reference.py.
+allocated but the gradient. Math and contract: docs/design.md §1-§2; truth: fastkd/reference.py.
+
+Every row is read in 16-byte vectors whatever its length (GPT-2's V = 50257 included): tiles
+start at the 16-byte boundary at or before the row's first element, the aligned part of the row
+goes through full-vector loads and stores, and the few columns before the first and after the
+last boundary go through one small edge tile (``_row_span``, ``_edge_cols``).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Divergence codes (fastkd._options.DIVERGENCES order).
-KL: tl.constexpr = tl.constexpr(0)
-REVERSE_KL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
-TVD: tl.constexpr = tl.constexpr(3)
-SKEW_KL: tl.constexpr = tl.constexpr(4)
-SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(5)
+from fastkd._options import DIVERGENCE_CODES, KernelArgs
+
+KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["kl"])
+REVERSE_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["reverse_kl"])
+JSD: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["jsd"])
+TVD: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["tvd"])
+SKEW_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["skew_kl"])
+SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["skew_reverse_kl"])
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+VECTOR_BYTES = 16  # one 128-bit load or store
 
 
 @triton.jit
@@ -70,11 +80,47 @@ def _log_mix(l1, l2, log_w1, log_w2):
 
 
 @triton.jit
+def _row_span(row, stride, VS, ALIGN: tl.constexpr):
+    """Where the aligned part of a row lies (docs/design.md §5).
+
+    Columns are counted from the ALIGN-element (16-byte) boundary at or before the row's first
+    element, which sits ``pad`` columns past it: the row is [pad, VS + pad). [lo, hi) is its
+    aligned part (whole vectors), the rest is [pad, lo) and [hi, VS + pad), each under ALIGN
+    columns. Returns the element offset of the boundary from the tensor's start, pad, lo, hi.
+    With ALIGN = 1 (a row layout that is not aligned) the aligned part is the whole row.
+    """
+    start = row * stride
+    pad = (start % ALIGN).to(tl.int32)
+    lo = tl.multiple_of((pad + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    hi = tl.multiple_of(tl.maximum(lo, (VS + pad) // ALIGN * ALIGN), ALIGN)
+    return tl.multiple_of(start - pad, ALIGN), pad, lo, hi
+
+
+@triton.jit
+def _row_base(row, stride, pad, ALIGN: tl.constexpr):
+    """Element offset of another tensor's row boundary; the launcher only picks ALIGN > 1 when
+    every row stride is congruent modulo ALIGN, so the pad is the student's."""
+    return tl.multiple_of(row * stride - pad, ALIGN)
+
+
+@triton.jit
+def _edge_cols(pad, lo, hi, VS, ALIGN: tl.constexpr):
+    """The row's columns outside its aligned part, [pad, lo) and [hi, VS + pad), as one tile of
+    2 * ALIGN columns (first half head, second half tail) and the mask of those in the row."""
+    i = tl.arange(0, 2 * ALIGN)
+    head = i < ALIGN
+    c = tl.where(head, i, hi + i - ALIGN)
+    in_row = tl.where(head, (c >= pad) & (c < lo), True) & (c < VS + pad)
+    return c, in_row
+
+
+@triton.jit
 def _load_tile(
     s_row,
     t_row,
-    cols,
-    VS,
+    c,
+    in_row,
+    pad,
     VT,
     KV,
     inv_t,
@@ -85,22 +131,118 @@ def _load_tile(
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
     HAS_KD: tl.constexpr,
+    KD_FULL: tl.constexpr,
 ):
-    """Transformed student logits x_s, and a = x_s / T, b = x_t / T on the KD columns
-    (-inf elsewhere: outside KV, or past the teacher's vocabulary; everywhere without a KD
-    term, whose teacher is then not read)."""
-    zs = tl.load(s_row + cols, mask=cols < VS, other=NEG_INF).to(tl.float32)
+    """Transformed student logits x_s at the columns c (counted as in _row_span), and
+    a = x_s / T, b = x_t / T on the KD columns (-inf elsewhere: outside KV, or past the
+    teacher's vocabulary; everywhere without a KD term, whose teacher is then not read), and
+    the mask of the KD columns. KD_FULL (every student column is a KD column and the teacher has
+    it) keeps the teacher's mask the student's, so its loads stay vectors too."""
+    zs = tl.load(s_row + c, mask=in_row, other=NEG_INF).to(tl.float32)
     xs = _transform(zs, s_scale, s_cap, S_CAP)
-    kd = cols < KV
     if HAS_KD:
-        zt = tl.load(t_row + cols, mask=kd & (cols < VT), other=NEG_INF).to(tl.float32)
-        xt = _transform(zt, t_scale, t_cap, T_CAP)
-        b = tl.where(kd, xt * inv_t, NEG_INF)
+        if KD_FULL:
+            kd = in_row
+            t_mask = in_row
+        else:
+            kd = in_row & (c - pad < KV)
+            t_mask = kd & (c - pad < VT)
+        zt = tl.load(t_row + c, mask=t_mask, other=NEG_INF).to(tl.float32)
+        b = _transform(zt, t_scale, t_cap, T_CAP) * inv_t
     else:
-        kd = cols < 0
+        kd = c < 0
         b = tl.full((1,), NEG_INF, tl.float32)
     a = tl.where(kd, xs * inv_t, NEG_INF)
-    return xs, a, b
+    return xs, a, b, kd
+
+
+@triton.jit
+def _pass1(
+    m_a, s_a, m_b, s_b, m_c, s_c, acc, xs, a, b, DIV: tl.constexpr, HAS_KD: tl.constexpr,
+    HAS_CE: tl.constexpr
+):  # fmt: skip
+    """Merge one tile into the forward's running sums: online log-sum-exps of a, b and x_s,
+    and acc = sum e^(b-m_b)(b-a) for kl, sum e^(a-m_a)(a-b) for reverse_kl."""
+    if HAS_KD:
+        m_a, s_a, r_a, ref_a = _online(m_a, s_a, a)
+        m_b, s_b, r_b, ref_b = _online(m_b, s_b, b)
+        if DIV == KL:
+            term = tl.where(b > NEG_INF, tl.exp(b - ref_b) * (b - a), 0.0)
+            acc = acc * r_b + tl.sum(term, 0)
+        if DIV == REVERSE_KL:
+            term = tl.where(a > NEG_INF, tl.exp(a - ref_a) * (a - b), 0.0)
+            acc = acc * r_a + tl.sum(term, 0)
+    if HAS_CE:
+        m_c, s_c, _, _ = _online(m_c, s_c, xs)
+    return m_a, s_a, m_b, s_b, m_c, s_c, acc
+
+
+@triton.jit
+def _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV: tl.constexpr):
+    """Add one tile to D and G of the divergences that need the log-sum-exps first."""
+    lq = a - lse_a
+    lp = b - lse_b
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIV == JSD:
+        lm = _log_mix(lp, lq, log_w1, log_w2)
+        tq = tl.where(q > 0.0, q * (lq - lm), 0.0)
+        tp = tl.where(p > 0.0, p * (lp - lm), 0.0)
+        d += mix * tl.sum(tp, 0) + (1.0 - mix) * tl.sum(tq, 0)
+        g += tl.sum(tq, 0)
+    elif DIV == TVD:
+        h = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        d += 0.5 * tl.sum(tl.abs(p - q), 0)
+        g += tl.sum(q * h, 0)
+    elif DIV == SKEW_KL:
+        lm = _log_mix(lp, lq, log_w1, log_w2)
+        d += tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), 0)
+        qg = -(1.0 - mix) * tl.exp(lq + lp - lm)
+        g += tl.sum(tl.where((q > 0.0) & (p > 0.0), qg, 0.0), 0)
+    else:  # SKEW_REVERSE_KL
+        lm = _log_mix(lq, lp, log_w1, log_w2)
+        tq = tl.where(q > 0.0, q * (lq - lm), 0.0)
+        d += tl.sum(tq, 0)
+        qg = tq - mix * tl.exp(2.0 * lq - lm)
+        g += tl.sum(tl.where(q > 0.0, qg, 0.0), 0)
+    return d, g
+
+
+@triton.jit
+def _grad(
+    xs, a, b, kd, is_label, lse_a, lse_b, lse_c, big_g, mix, log_w1, log_w2, kd_scale,
+    ce_scale, s_scale, s_cap, DIV: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
+    S_CAP: tl.constexpr
+):  # fmt: skip
+    """d loss / d z_s of one tile (docs/design.md §2), in fp32."""
+    lq = a - lse_a
+    lp = b - lse_b
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if not HAS_KD:
+        dd = tl.zeros_like(q)
+    elif DIV == KL:
+        dd = q - p
+    elif DIV == REVERSE_KL:
+        dd = tl.where(q > 0.0, q * (lq - lp - big_g), 0.0)
+    elif DIV == JSD:
+        lm = _log_mix(lp, lq, log_w1, log_w2)
+        dd = (1.0 - mix) * tl.where(q > 0.0, q * (lq - lm - big_g), 0.0)
+    elif DIV == TVD:
+        h = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        dd = q * (h - big_g)
+    elif DIV == SKEW_KL:
+        lm = _log_mix(lp, lq, log_w1, log_w2)
+        qg = tl.where((q > 0.0) & (p > 0.0), -(1.0 - mix) * tl.exp(lq + lp - lm), 0.0)
+        dd = qg - q * big_g
+    else:  # SKEW_REVERSE_KL
+        lm = _log_mix(lq, lp, log_w1, log_w2)
+        qg = q * (lq - lm) - mix * tl.exp(2.0 * lq - lm)
+        dd = tl.where(q > 0.0, qg - q * big_g, 0.0)
+    grad = kd_scale * tl.where(kd, dd, 0.0)
+    if HAS_CE:
+        grad += ce_scale * (tl.exp(xs - lse_c) - tl.where(is_label, 1.0, 0.0))
+    return grad * _dtransform(xs, s_scale, s_cap, S_CAP)
 
 
 @triton.jit
@@ -113,6 +255,69 @@ def _row_weight(L, W, row, ignore_index, HAS_LABELS: tl.constexpr, HAS_WEIGHTS: 
         y = tl.load(L + row)
         w = tl.where(y == ignore_index, 0.0, w)
     return w, y
+
+
+@triton.jit
+def _pass1_row(
+    s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+    DIV: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, S_CAP: tl.constexpr,
+    T_CAP: tl.constexpr, KD_FULL: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """The forward's first pass over a row: its aligned part, then its edge tile."""
+    m_a = tl.full((), NEG_INF, tl.float32)
+    s_a = tl.zeros((), tl.float32)
+    m_b = tl.full((), NEG_INF, tl.float32)
+    s_b = tl.zeros((), tl.float32)
+    m_c = tl.full((), NEG_INF, tl.float32)
+    s_c = tl.zeros((), tl.float32)
+    acc = tl.zeros((), tl.float32)
+    for start in range(lo, hi, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        xs, a, b, _ = _load_tile(
+            s_row, t_row, c, c < hi, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            S_CAP, T_CAP, HAS_KD, KD_FULL,
+        )  # fmt: skip
+        m_a, s_a, m_b, s_b, m_c, s_c, acc = _pass1(
+            m_a, s_a, m_b, s_b, m_c, s_c, acc, xs, a, b, DIV, HAS_KD, HAS_CE
+        )
+    if ALIGN > 1:
+        edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
+        xs, a, b, _ = _load_tile(
+            s_row, t_row, edge, in_row, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            S_CAP, T_CAP, HAS_KD, KD_FULL,
+        )  # fmt: skip
+        m_a, s_a, m_b, s_b, m_c, s_c, acc = _pass1(
+            m_a, s_a, m_b, s_b, m_c, s_c, acc, xs, a, b, DIV, HAS_KD, HAS_CE
+        )
+    return m_a, s_a, m_b, s_b, m_c, s_c, acc
+
+
+@triton.jit
+def _pass2_row(
+    s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap, lse_a,
+    lse_b, mix, DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+    KD_FULL: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """The forward's second pass over a row (jsd, tvd, skew divergences): D and G."""
+    d = tl.zeros((), tl.float32)
+    g = tl.zeros((), tl.float32)
+    log_w1 = tl.log(mix)
+    log_w2 = tl.log(1.0 - mix)
+    for start in range(lo, hi, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        _, a, b, _ = _load_tile(
+            s_row, t_row, c, c < hi, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            S_CAP, T_CAP, True, KD_FULL,
+        )  # fmt: skip
+        d, g = _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV)
+    if ALIGN > 1:
+        edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
+        _, a, b, _ = _load_tile(
+            s_row, t_row, edge, in_row, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            S_CAP, T_CAP, True, KD_FULL,
+        )  # fmt: skip
+        d, g = _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV)
+    return d, g
 
 
 @triton.jit
@@ -145,121 +350,44 @@ def _kd_fwd_kernel(
     HAS_CE: tl.constexpr,
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
+    KD_FULL: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     w, y = _row_weight(L, W, row, ignore_index, HAS_LABELS, HAS_WEIGHTS)
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
-    offs = tl.arange(0, BLOCK)
-
-    m_a = tl.full((), NEG_INF, tl.float32)
-    s_a = tl.zeros((), tl.float32)
-    m_b = tl.full((), NEG_INF, tl.float32)
-    s_b = tl.zeros((), tl.float32)
-    m_c = tl.full((), NEG_INF, tl.float32)
-    s_c = tl.zeros((), tl.float32)
-    acc = tl.zeros((), tl.float32)  # sum e^(b-m_b)(b-a) for kl, e^(a-m_a)(a-b) for reverse_kl
+    base, pad, lo, hi = _row_span(row, stride_s, VS, ALIGN)
+    s_row = S + base
+    t_row = T + _row_base(row, stride_t, pad, ALIGN)
     loss = tl.zeros((), tl.float32)
     lse_a = tl.zeros((), tl.float32)
     lse_b = tl.zeros((), tl.float32)
     lse_c = tl.zeros((), tl.float32)
     g = tl.zeros((), tl.float32)
     if w != 0.0:
-        for start in range(0, VS, BLOCK):
-            cols = start + offs
-            xs, a, b = _load_tile(
-                s_row,
-                t_row,
-                cols,
-                VS,
-                VT,
-                KV,
-                inv_t,
-                s_scale,
-                s_cap,
-                t_scale,
-                t_cap,
-                S_CAP,
-                T_CAP,
-                HAS_KD,
-            )
-            if HAS_KD:
-                m_a, s_a, r_a, ref_a = _online(m_a, s_a, a)
-                m_b, s_b, r_b, ref_b = _online(m_b, s_b, b)
-                if DIV == KL:
-                    term = tl.where(b > NEG_INF, tl.exp(b - ref_b) * (b - a), 0.0)
-                    acc = acc * r_b + tl.sum(term, 0)
-                if DIV == REVERSE_KL:
-                    term = tl.where(a > NEG_INF, tl.exp(a - ref_a) * (a - b), 0.0)
-                    acc = acc * r_a + tl.sum(term, 0)
-            if HAS_CE:
-                m_c, s_c, _, _ = _online(m_c, s_c, xs)
+        m_a, s_a, m_b, s_b, m_c, s_c, acc = _pass1_row(
+            s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap, DIV,
+            HAS_KD, HAS_CE, S_CAP, T_CAP, KD_FULL, ALIGN, BLOCK,
+        )  # fmt: skip
         d = tl.zeros((), tl.float32)
-        if not HAS_KD:
-            pass
-        elif DIV == KL:
+        if HAS_KD:
             lse_a = m_a + tl.log(s_a)
             lse_b = m_b + tl.log(s_b)
-            d = acc / s_b - lse_b + lse_a
-        elif DIV == REVERSE_KL:
-            lse_a = m_a + tl.log(s_a)
-            lse_b = m_b + tl.log(s_b)
-            d = acc / s_a - lse_a + lse_b
-            g = d
-        else:
-            lse_a = m_a + tl.log(s_a)
-            lse_b = m_b + tl.log(s_b)
-            log_w1 = tl.log(mix)
-            log_w2 = tl.log(1.0 - mix)
-            for start in range(0, VS, BLOCK):
-                cols = start + offs
-                xs, a, b = _load_tile(
-                    s_row,
-                    t_row,
-                    cols,
-                    VS,
-                    VT,
-                    KV,
-                    inv_t,
-                    s_scale,
-                    s_cap,
-                    t_scale,
-                    t_cap,
-                    S_CAP,
-                    T_CAP,
-                    HAS_KD,
-                )
-                lq = a - lse_a
-                lp = b - lse_b
-                q = tl.exp(lq)
-                p = tl.exp(lp)
-                if DIV == JSD:
-                    lm = _log_mix(lp, lq, log_w1, log_w2)
-                    tq = tl.where(q > 0.0, q * (lq - lm), 0.0)
-                    tp = tl.where(p > 0.0, p * (lp - lm), 0.0)
-                    d += mix * tl.sum(tp, 0) + (1.0 - mix) * tl.sum(tq, 0)
-                    g += tl.sum(tq, 0)
-                elif DIV == TVD:
-                    h = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-                    d += 0.5 * tl.sum(tl.abs(p - q), 0)
-                    g += tl.sum(q * h, 0)
-                elif DIV == SKEW_KL:
-                    lm = _log_mix(lp, lq, log_w1, log_w2)
-                    d += tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), 0)
-                    qg = -(1.0 - mix) * tl.exp(lq + lp - lm)
-                    g += tl.sum(tl.where((q > 0.0) & (p > 0.0), qg, 0.0), 0)
-                else:  # SKEW_REVERSE_KL
-                    lm = _log_mix(lq, lp, log_w1, log_w2)
-                    tq = tl.where(q > 0.0, q * (lq - lm), 0.0)
-                    d += tl.sum(tq, 0)
-                    qg = tq - mix * tl.exp(2.0 * lq - lm)
-                    g += tl.sum(tl.where(q > 0.0, qg, 0.0), 0)
+            if DIV == KL:
+                d = acc / s_b - lse_b + lse_a
+            elif DIV == REVERSE_KL:
+                d = acc / s_a - lse_a + lse_b
+                g = d
+            else:
+                d, g = _pass2_row(
+                    s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale,
+                    t_cap, lse_a, lse_b, mix, DIV, S_CAP, T_CAP, KD_FULL, ALIGN, BLOCK,
+                )  # fmt: skip
         loss = kd_w * temp * temp * d
         if HAS_CE:
             lse_c = m_c + tl.log(s_c)
             valid = (y >= 0) & (y < VS)
-            zy = tl.load(s_row + y, mask=valid, other=0.0).to(tl.float32)
+            zy = tl.load(s_row + pad + y, mask=valid, other=0.0).to(tl.float32)
             xy = _transform(zy, s_scale, s_cap, S_CAP)
             loss += ce_w * tl.where(valid, lse_c - xy, float("nan"))
         loss = w * loss
@@ -302,13 +430,16 @@ def _kd_bwd_kernel(
     HAS_CE: tl.constexpr,
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
+    KD_FULL: tl.constexpr,
+    ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     w, y = _row_weight(L, W, row, ignore_index, HAS_LABELS, HAS_WEIGHTS)
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
-    g_row = G + row * stride_g
+    base, pad, lo, hi = _row_span(row, stride_s, VS, ALIGN)
+    s_row = S + base
+    t_row = T + _row_base(row, stride_t, pad, ALIGN)
+    g_row = G + _row_base(row, stride_g, pad, ALIGN)
     offs = tl.arange(0, BLOCK)
     if w != 0.0:
         scale = w * tl.load(GL + row)
@@ -316,94 +447,150 @@ def _kd_bwd_kernel(
         lse_b = tl.load(STATS + row * 4 + 1)
         lse_c = tl.load(STATS + row * 4 + 2)
         big_g = tl.load(STATS + row * 4 + 3)
+        log_w1 = 0.0
+        log_w2 = 0.0
         if DIV != KL and DIV != REVERSE_KL and DIV != TVD:
             log_w1 = tl.log(mix)
             log_w2 = tl.log(1.0 - mix)
         kd_scale = scale * kd_w * temp
-        for start in range(0, VS, BLOCK):
-            cols = start + offs
-            xs, a, b = _load_tile(
-                s_row,
-                t_row,
-                cols,
-                VS,
-                VT,
-                KV,
-                inv_t,
-                s_scale,
-                s_cap,
-                t_scale,
-                t_cap,
-                S_CAP,
-                T_CAP,
-                HAS_KD,
-            )
-            lq = a - lse_a
-            lp = b - lse_b
-            q = tl.exp(lq)
-            p = tl.exp(lp)
-            if not HAS_KD:
-                dd = tl.zeros_like(q)
-            elif DIV == KL:
-                dd = q - p
-            elif DIV == REVERSE_KL:
-                dd = tl.where(q > 0.0, q * (lq - lp - big_g), 0.0)
-            elif DIV == JSD:
-                lm = _log_mix(lp, lq, log_w1, log_w2)
-                dd = (1.0 - mix) * tl.where(q > 0.0, q * (lq - lm - big_g), 0.0)
-            elif DIV == TVD:
-                h = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-                dd = q * (h - big_g)
-            elif DIV == SKEW_KL:
-                lm = _log_mix(lp, lq, log_w1, log_w2)
-                qg = tl.where((q > 0.0) & (p > 0.0), -(1.0 - mix) * tl.exp(lq + lp - lm), 0.0)
-                dd = qg - q * big_g
-            else:  # SKEW_REVERSE_KL
-                lm = _log_mix(lq, lp, log_w1, log_w2)
-                qg = q * (lq - lm) - mix * tl.exp(2.0 * lq - lm)
-                dd = tl.where(q > 0.0, qg - q * big_g, 0.0)
-            grad = kd_scale * tl.where(cols < KV, dd, 0.0)
-            if HAS_CE:
-                s1 = tl.exp(xs - lse_c)
-                grad += (scale * ce_w) * (s1 - tl.where(cols == y, 1.0, 0.0))
-            grad = grad * _dtransform(xs, s_scale, s_cap, S_CAP)
-            tl.store(g_row + cols, grad.to(G.dtype.element_ty), mask=cols < VS)
+        ce_scale = scale * ce_w
+        label = y + pad
+        for start in range(lo, hi, BLOCK):
+            c = start + offs
+            xs, a, b, kd = _load_tile(
+                s_row, t_row, c, c < hi, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+                S_CAP, T_CAP, HAS_KD, KD_FULL,
+            )  # fmt: skip
+            grad = _grad(
+                xs, a, b, kd, c == label, lse_a, lse_b, lse_c, big_g, mix, log_w1, log_w2,
+                kd_scale, ce_scale, s_scale, s_cap, DIV, HAS_KD, HAS_CE, S_CAP,
+            )  # fmt: skip
+            tl.store(g_row + c, grad.to(G.dtype.element_ty), mask=c < hi)
+        if ALIGN > 1:
+            edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
+            xs, a, b, kd = _load_tile(
+                s_row, t_row, edge, in_row, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+                S_CAP, T_CAP, HAS_KD, KD_FULL,
+            )  # fmt: skip
+            grad = _grad(
+                xs, a, b, kd, edge == label, lse_a, lse_b, lse_c, big_g, mix, log_w1, log_w2,
+                kd_scale, ce_scale, s_scale, s_cap, DIV, HAS_KD, HAS_CE, S_CAP,
+            )  # fmt: skip
+            tl.store(g_row + edge, grad.to(G.dtype.element_ty), mask=in_row)
     else:
-        zero = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, VS, BLOCK):
-            cols = start + offs
-            tl.store(g_row + cols, zero.to(G.dtype.element_ty), mask=cols < VS)
+        zero = tl.zeros((BLOCK,), G.dtype.element_ty)
+        for start in range(lo, hi, BLOCK):
+            c = start + offs
+            tl.store(g_row + c, zero, mask=c < hi)
+        if ALIGN > 1:
+            edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
+            tl.store(g_row + edge, tl.zeros((2 * ALIGN,), G.dtype.element_ty), mask=in_row)
 
 
-def _launch_meta(student: torch.Tensor, teacher: torch.Tensor, labels, weights, args) -> dict:
-    (div, temp, kd_w, ce_w, mix, ignore_index, kd_vocab, s_scale, s_cap, t_scale, t_cap) = args
-    vs = student.shape[1]
-    block = min(triton.next_power_of_2(vs), 4096)
-    scalars = dict(
+class LaunchConfig(NamedTuple):
+    block: int
+    num_warps: int
+
+
+def launch_config(vocab: int) -> LaunchConfig:
+    """BLOCK and num_warps of both kernels for rows of ``vocab`` columns: the one place they are
+    chosen, used by the launchers and by the ahead-of-time compile (fastkd.kernels.aot). One
+    choice serves every dtype: at 4096 columns and 8 warps (16 per thread, 2-4 vectors per
+    tensor) no kernel spills on sm_80 or sm_90 (at most 124 registers; bench/results/aot/)."""
+    block = min(triton.next_power_of_2(vocab), 4096)
+    return LaunchConfig(block, 8 if block >= 2048 else 4)
+
+
+def _alignment(student: torch.Tensor, others: tuple[torch.Tensor, ...]) -> int:
+    """ALIGN: columns per 16-byte vector when every row of every tensor read or written starts
+    the same number of columns past a 16-byte boundary (the kernels then share one row split,
+    docs/design.md §5), else 1 (element-wise access)."""
+    vec = VECTOR_BYTES // student.element_size()
+    phase = student.stride(0) % vec
+    for t in (student, *others):
+        if t.data_ptr() % VECTOR_BYTES or t.stride(0) % vec != phase:
+            return 1
+    return vec
+
+
+def launch_meta(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    args: KernelArgs,
+    grad: torch.Tensor | None = None,
+) -> dict:
+    """Keyword arguments of either kernel beyond its tensors and strides: the scalars of
+    ``args``, the constexpr flags and the launch configuration (``grad`` for the backward)."""
+    vs, vt = student.shape[1], teacher.shape[1]
+    has_kd = args.kd_weight != 0.0
+    read = (teacher,) if has_kd else ()
+    config = launch_config(vs)
+    return dict(
         VS=vs,
-        VT=teacher.shape[1],
-        KV=kd_vocab,
-        inv_t=1.0 / temp,
-        temp=temp,
-        kd_w=kd_w,
-        ce_w=ce_w,
-        mix=mix,
-        ignore_index=ignore_index,
-        s_scale=s_scale,
-        s_cap=s_cap,
-        t_scale=t_scale,
-        t_cap=t_cap,
-        DIV=div,
+        VT=vt,
+        KV=args.kd_vocab,
+        inv_t=1.0 / args.temperature,
+        temp=args.temperature,
+        kd_w=args.kd_weight,
+        ce_w=args.ce_weight,
+        mix=args.mix,
+        ignore_index=args.ignore_index,
+        s_scale=args.student_scale,
+        s_cap=args.student_softcap,
+        t_scale=args.teacher_scale,
+        t_cap=args.teacher_softcap,
+        DIV=args.divergence,
         HAS_LABELS=labels is not None,
         HAS_WEIGHTS=weights is not None,
-        HAS_KD=kd_w != 0.0,
-        HAS_CE=ce_w != 0.0 and labels is not None,
-        S_CAP=s_cap != 0.0,
-        T_CAP=t_cap != 0.0,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
+        HAS_KD=has_kd,
+        HAS_CE=args.ce_weight != 0.0 and labels is not None,
+        S_CAP=args.student_softcap != 0.0,
+        T_CAP=args.teacher_softcap != 0.0,
+        KD_FULL=args.kd_vocab == vs <= vt,
+        ALIGN=_alignment(student, read if grad is None else (*read, grad)),
+        BLOCK=config.block,
+        num_warps=config.num_warps,
     )
-    return scalars
+
+
+def fwd_args(student, teacher, labels, weights, loss, stats) -> tuple:
+    """Positional arguments of _kd_fwd_kernel (absent optional tensors replaced by a tensor
+    the kernel does not read)."""
+    return (
+        student,
+        teacher,
+        loss if labels is None else labels,
+        loss if weights is None else weights,
+        loss,
+        stats,
+        student.stride(0),
+        teacher.stride(0),
+    )
+
+
+def bwd_args(student, teacher, labels, weights, stats, grad_loss, grad) -> tuple:
+    """Positional arguments of _kd_bwd_kernel."""
+    return (
+        student,
+        teacher,
+        stats if labels is None else labels,
+        stats if weights is None else weights,
+        stats,
+        grad_loss,
+        grad,
+        student.stride(0),
+        teacher.stride(0),
+        grad.stride(0),
+    )
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device and
+    its current stream, which need not be the tensors' (student on cuda:1 while cuda:0 is
+    current). CPU tensors (Triton's interpreter) need nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -412,43 +599,30 @@ def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
 
 
 def kd_loss_fwd(student, teacher, labels, weights, *args):
-    """Launcher of the forward: (loss [N] fp32, stats [N, 4] fp32). See fastkd/_ops.py."""
+    """Launcher of the forward: (loss [N] fp32, stats [N, 4] fp32). See docs/design.md §2."""
+    args = KernelArgs(*args)
     _check(student, teacher)
     n = student.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=student.device)
     stats = torch.empty((n, 4), dtype=torch.float32, device=student.device)
     if n:
-        _kd_fwd_kernel[(n,)](
-            student,
-            teacher,
-            loss if labels is None else labels,
-            loss if weights is None else weights,
-            loss,
-            stats,
-            student.stride(0),
-            teacher.stride(0),
-            **_launch_meta(student, teacher, labels, weights, args),
-        )
+        with on_device(student.device):
+            _kd_fwd_kernel[(n,)](
+                *fwd_args(student, teacher, labels, weights, loss, stats),
+                **launch_meta(student, teacher, labels, weights, args),
+            )
     return loss, stats
 
 
 def kd_loss_bwd(student, teacher, labels, weights, stats, grad_loss, *args_and_grad):
     """Launcher of the backward: writes the gradient into the last argument."""
     *args, grad = args_and_grad
+    args = KernelArgs(*args)
     _check(student, teacher)
     n = student.shape[0]
     if n:
-        _kd_bwd_kernel[(n,)](
-            student,
-            teacher,
-            stats if labels is None else labels,
-            stats if weights is None else weights,
-            stats,
-            grad_loss,
-            grad,
-            student.stride(0),
-            teacher.stride(0),
-            grad.stride(0),
-            **_launch_meta(student, teacher, labels, weights, tuple(args)),
-        )
-    return None
+        with on_device(student.device):
+            _kd_bwd_kernel[(n,)](
+                *bwd_args(student, teacher, labels, weights, stats, grad_loss, grad),
+                **launch_meta(student, teacher, labels, weights, args, grad),
+            )

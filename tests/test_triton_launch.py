@@ -1,0 +1,188 @@
+"""The Triton launchers: the row split into aligned vectors and edges, the alignment they
+choose, and launching on the tensors' device and stream (docs/design.md §5)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import ULP, assert_close, device_for, tolerance
+
+import fastkd
+from fastkd._options import DIVERGENCES, LossOptions
+
+if not (status := fastkd.backends()["triton"]).available:
+    pytest.skip(status.reason, allow_module_level=True)
+
+from fastkd.kernels import kd_loss as tk  # after the skip: needs triton
+
+
+def rows(n, v, *, seed, dtype=torch.float32, width=None, offset=0, device="cpu"):
+    """Student and teacher logits [n, v] inside rows of ``width`` columns starting at column
+    ``offset`` (a strided view when they differ from v and 0), and labels."""
+    g = torch.Generator().manual_seed(seed)
+    width = width or v
+    s = (torch.randn(n, width, generator=g) * 3).to(dtype)[:, offset : offset + v]
+    t = (torch.randn(n, width, generator=g) * 3).to(dtype)[:, offset : offset + v]
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[0] = -100
+    return s.to(device), t.to(device), labels.to(device)
+
+
+def check(student, teacher, labels, gpu_math=None, **kw):
+    """Triton's loss and gradient against the fp64 reference on the same (rounded) inputs."""
+    s = student.detach().requires_grad_(True)
+    loss = fastkd.kd_loss(s, teacher, labels, reduction="none", backend="triton", **kw)
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel(), device=loss.device))
+    ref = student.detach().cpu().double().requires_grad_(True)
+    t_loss = fastkd.kd_loss(
+        ref, teacher.cpu().double(), labels.cpu(), reduction="none", backend="reference", **kw
+    )
+    t_loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64))
+    tol = tolerance("triton", student.dtype, student.shape[1], gpu_math=gpu_math, **kw)
+    assert_close(loss, t_loss, name="loss", **tol)
+    assert_close(s.grad, ref.grad, name="grad", **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [1, 3, 7, 9, 17, 37])
+def test_short_odd_rows(dtype, v):
+    """Rows shorter than a vector, and a few vectors long, at every offset from a 16-byte
+    boundary (row i of an odd-width tensor starts i * v columns in): head, aligned part and
+    tail of the row split all in play."""
+    student, teacher, labels = rows(9, v, seed=v, dtype=dtype)
+    assert tk._alignment(student, (teacher,)) == 16 // student.element_size()
+    check(student, teacher, labels, divergence="jsd", beta=0.3, alpha=0.4)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "tvd", "skew_reverse_kl"])
+def test_padded_row_stride(divergence):
+    """Rows of 1031 columns in a tensor 1037 wide: every row starts elsewhere modulo 4."""
+    student, teacher, labels = rows(6, 1031, seed=1, width=1037)
+    assert tk._alignment(student, (teacher,)) == 4
+    check(student, teacher, labels, divergence=divergence, temperature=1.5)
+
+
+def test_unaligned_view_falls_back_to_elements():
+    """A view starting one column into its storage is not 16-byte aligned: ALIGN 1."""
+    student, teacher, labels = rows(5, 300, seed=2, width=310, offset=1)
+    assert tk._alignment(student, (teacher,)) == 1
+    check(student, teacher, labels, divergence="reverse_kl")
+
+
+def test_vocab_mismatch_keeps_the_split():
+    """A teacher with fewer columns (vocab='pad') masks its loads past Vt (KD_FULL off)."""
+    student, _, labels = rows(4, 203, seed=3)
+    _, teacher, _ = rows(4, 190, seed=4)
+    check(student, teacher, labels, vocab="pad", divergence="skew_kl", skew=0.2)
+
+
+@pytest.mark.parametrize("sign", ["up", "mixed"])
+@pytest.mark.parametrize(
+    "options",
+    [{"divergence": d} for d in DIVERGENCES]
+    + [
+        {"temperature": 10.0},
+        {"temperature": 0.5, "student_softcap": 20.0, "teacher_softcap": 30.0},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_tolerance_covers_gpu_math(monkeypatch, sign, options):
+    """The GPU tolerance model (docs/design.md §7) on the kernels themselves: run them with
+    every exp off by 2 + 1.173 |x| ulp and every division by 2 ulp, what a GPU may be off by,
+    all up or either way, and the results stay within the tolerance for Triton on a GPU."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    def off_by(result, ulps):
+        if result.data.dtype == np.float32:
+            direction = 1
+            if sign == "mixed":  # by the parity of the result's last bit
+                direction = np.where(result.data.view(np.int32) & 1, 1, -1)
+            exact = result.data.astype(np.float64)
+            result.data = (exact * (1 + direction * ulps * ULP)).astype(np.float32)
+        return result
+
+    def exp(self, x):
+        finite = np.where(x.data > -np.inf, x.data, 0)  # exp(-inf) = 0 exactly
+        return off_by(exact_exp(self, x), 2 + 1.173 * np.abs(finite))
+
+    exact_exp, exact_div = InterpreterBuilder.create_exp, InterpreterBuilder.create_fdiv
+    monkeypatch.setattr(InterpreterBuilder, "create_exp", exp)
+    monkeypatch.setattr(
+        InterpreterBuilder, "create_fdiv", lambda self, a, b: off_by(exact_div(self, a, b), 2)
+    )
+    student, teacher, labels = rows(6, 8191, seed=7)
+    check(student, teacher, labels, gpu_math=True, beta=0.3, skew=0.2, **options)
+
+
+def test_alignment_needs_every_tensor():
+    """ALIGN is the vector width only if all rows read or written share the split."""
+    student = torch.empty(4, 50257)
+    assert tk._alignment(student, (torch.empty(4, 50257),)) == 4
+    assert tk._alignment(student.bfloat16(), (torch.empty(4, 50257, dtype=torch.bfloat16),)) == 8
+    assert tk._alignment(student, (torch.empty(4, 50258)[:, :50257],)) == 1  # other stride
+    assert tk._alignment(student, (torch.empty(4, 50261)[:, :50257],)) == 4  # same mod 4
+    assert tk._alignment(student, (torch.empty(4, 50258)[:, 1:],)) == 1  # unaligned start
+
+
+def test_launch_meta_uses_launch_config():
+    student = torch.empty(2, 50257, dtype=torch.bfloat16)
+    args = LossOptions().kernel_args(50257, 50257)
+    meta = tk.launch_meta(student, student, None, None, args)
+    config = tk.launch_config(50257)
+    assert (meta["BLOCK"], meta["num_warps"]) == (config.block, config.num_warps)
+    assert meta["ALIGN"] == 8 and meta["KD_FULL"]
+
+
+def test_device_guard():
+    """The launchers make the tensors' CUDA device current (so Triton launches there, on its
+    current stream); CPU tensors (the interpreter) need no guard. Entering the guard needs a
+    GPU, building it does not."""
+    assert isinstance(tk.on_device(torch.device("cpu")), contextlib.nullcontext)
+    guard = tk.on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def _slow_copy(dst, src):
+    """dst.copy_(src) on the current stream after keeping that stream busy, so that a kernel
+    launched on another stream would read dst before the copy lands."""
+    torch.cuda._sleep(200_000_000)
+    dst.copy_(src)
+
+
+@pytest.mark.skipif(device_for("triton").type != "cuda", reason="needs a CUDA device")
+def test_launch_on_current_stream():
+    student, teacher, labels = rows(8, 5003, seed=5, device="cuda")
+    fresh = torch.zeros_like(student)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        _slow_copy(fresh, student)
+        loss = fastkd.kd_loss(fresh, teacher, labels, reduction="none", backend="triton")
+    side.synchronize()
+    expected = fastkd.kd_loss(student, teacher, labels, reduction="none", backend="triton")
+    assert torch.equal(loss, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launch_on_tensors_device():
+    """Student on cuda:1 while cuda:0 is current, inputs written on cuda:1's current (side)
+    stream: the kernels must run on cuda:1 and that stream."""
+    student, teacher, labels = rows(8, 5003, seed=6, device="cuda:1")
+    fresh = torch.zeros_like(student)
+    side = torch.cuda.Stream(device="cuda:1")
+    with torch.cuda.stream(side), torch.cuda.device(0):
+        with torch.cuda.device(1):
+            _slow_copy(fresh, student)
+        s = fresh.requires_grad_(True)
+        loss = fastkd.kd_loss(s, teacher, labels, reduction="none", backend="triton")
+        loss.backward(torch.ones_like(loss))
+        assert torch.cuda.current_device() == 0
+    side.synchronize()
+    assert loss.device == torch.device("cuda", 1) and s.grad.device == loss.device
+    ref = student.detach().requires_grad_(True)
+    with torch.cuda.device(1):
+        expected = fastkd.kd_loss(ref, teacher, labels, reduction="none", backend="triton")
+        expected.backward(torch.ones_like(expected))
+    assert torch.equal(loss, expected) and torch.equal(s.grad, ref.grad)
