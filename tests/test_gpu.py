@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close, kernel_backends
-from test_fused_linear_kd_loss import STUDENT, make_problem, run_fused, run_materialized
+from test_fused_linear_kd_loss import STUDENT, make_problem, run_materialized
 from test_kd_loss import check_backend, make_inputs
 
 import fastkd
@@ -75,7 +75,14 @@ def _kd_on(device: torch.device, backend: str, student, teacher, labels):
 
 
 def _fused_on(device: torch.device, backend: str, p, labels):
-    return run_fused(p, labels, device=device, backend=backend, chunk_size=16)
+    t = {k: None if x is None else x.to(device) for k, x in p.items()}
+    h, w, b = (t[k].requires_grad_(True) for k in STUDENT)
+    teacher = {k: t[k] for k in ("teacher_hidden", "teacher_weight", "teacher_bias")}
+    loss = fastkd.fused_linear_kd_loss(
+        h, w, labels.to(device), student_bias=b, **teacher, chunk_size=16, backend=backend
+    )
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, b.grad
 
 
 @TWO_GPUS
@@ -93,8 +100,7 @@ def test_tensors_on_the_second_gpu(backend, op):
         p, labels = make_problem(seed=24)
 
         def compute(device):
-            loss, grads = _fused_on(device, backend, p, labels)
-            return loss, *grads
+            return _fused_on(device, backend, p, labels)
 
     with torch.cuda.device(0):
         expected = compute(torch.device("cuda:0"))
