@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", action="append", default=[], metavar="CONTENDER")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
+        "--memory-mode",
+        action="append",
+        choices=MODES,
+        help="modes whose peak memory is measured (default: all; --quick: full)",
+    )
+    parser.add_argument(
         "--time-budget",
         type=float,
         default=None,
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                 continue
             case_start = time.monotonic()
             print(f"{op} {plot.label(key)} {dtype} on {args.device} ...", flush=True)
-            memory = () if args.no_memory else ("full",) if args.quick else MODES
+            default = ("full",) if args.quick else MODES
+            memory = () if args.no_memory else tuple(args.memory_mode or default)
             rows += run_case(
                 case,
                 memory_modes=memory,
