@@ -1,13 +1,24 @@
 // The Python module fastkd._C. Importing it registers the kernels of every fastkd::* op this
 // build has (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); the op schemas are defined once,
-// in fastkd/_ops.py. The functions below only describe the build.
+// in fastkd/_ops.py. The functions below describe the build and the divergence codes it
+// compiled (csrc/kd_math.h), which a test compares with fastkd._options.
 #include <pybind11/pybind11.h>
 
 #include <string>
 
 #include <ATen/Parallel.h>
 
+#include "kd_math.h"
+
 namespace {
+
+pybind11::dict divergence_codes() {
+  pybind11::dict codes;
+#define FASTKD_DIVERGENCE_CODE(id, name) codes[name] = static_cast<int>(fastkd::id);
+  FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_CODE)
+#undef FASTKD_DIVERGENCE_CODE
+  return codes;
+}
 
 bool has_cuda() {
 #ifdef FASTKD_WITH_CUDA
@@ -35,4 +46,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastkd native kernels (registered as torch.ops.fastkd.*)";
   m.def("has_cuda", &has_cuda, "Whether this build has the CUDA kernels");
   m.def("build_info", &build_info, "Compiler, threading and CUDA of this build");
+  m.def("divergence_codes", &divergence_codes,
+        "The kernels' divergence codes, name -> the ops' `divergence` argument");
 }

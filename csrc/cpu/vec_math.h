@@ -3,33 +3,31 @@
 // are never vectorised without -ffast-math, which the kernels cannot use (they rely on
 // -inf and NaN behaving as IEEE says). Polynomials are Cephes' (expf, logf, tanhf), about
 // 1 ulp in fp32. Every function is always_inline so that it is compiled for the instruction
-// set of the (multiversioned) kernel that calls it.
+// set of the (multiversioned) kernel that calls it. CpuMath, at the end, is the math policy of
+// the element functions of csrc/kd_math.h (docs/design.md §3).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
-#define FASTKD_INLINE inline __attribute__((always_inline))
+#include "kd_math.h"
 
 namespace fastkd::cpu {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-FASTKD_INLINE uint32_t bits_of(float f) {
+FASTKD_HD uint32_t bits_of(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
 
-FASTKD_INLINE float from_bits(uint32_t u) {
+FASTKD_HD float from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
 // e^x. x < ln(2^-126) (-inf included) gives 0, x > 127.5 ln 2 gives inf, NaN stays NaN.
-FASTKD_INLINE float exp_f(float x) {
+FASTKD_HD float exp_f(float x) {
   constexpr float kMin = -87.33654475f, kMax = 88.37626266f;
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
@@ -53,7 +51,7 @@ FASTKD_INLINE float exp_f(float x) {
 }
 
 // log x for positive normal x (the kernels take it of values in [1, 2] only).
-FASTKD_INLINE float log_f(float x) {
+FASTKD_HD float log_f(float x) {
   const uint32_t u = bits_of(x);
   float e = static_cast<float>(static_cast<int32_t>(u >> 23) - 126);
   float m = from_bits((u & 0x007fffffu) | 0x3f000000u);  // x = m 2^e, m in [0.5, 1)
@@ -76,13 +74,13 @@ FASTKD_INLINE float log_f(float x) {
 
 // log(1 + x) for x in [0, 1], accurate for small x too (Kahan: the rounding of 1 + x is
 // divided back out).
-FASTKD_INLINE float log1p_f(float x) {
+FASTKD_HD float log1p_f(float x) {
   const float u = 1.0f + x;
   const float d = u - 1.0f;
   return d == 0.0f ? x : log_f(u) * (x / d);
 }
 
-FASTKD_INLINE float tanh_f(float x) {
+FASTKD_HD float tanh_f(float x) {
   const float z = x < 0.0f ? -x : x;
   const float s = z * z;
   float p = -5.70498872745e-3f;
@@ -98,9 +96,9 @@ FASTKD_INLINE float tanh_f(float x) {
 }
 
 // bf16 is the high half of an fp32; rounding back is to nearest even, NaN stays a quiet NaN.
-FASTKD_INLINE float bf16_to_float(uint16_t h) { return from_bits(static_cast<uint32_t>(h) << 16); }
+FASTKD_HD float bf16_to_float(uint16_t h) { return from_bits(static_cast<uint32_t>(h) << 16); }
 
-FASTKD_INLINE uint16_t float_to_bf16(float f) {
+FASTKD_HD uint16_t float_to_bf16(float f) {
   const uint32_t u = bits_of(f);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);
@@ -108,7 +106,7 @@ FASTKD_INLINE uint16_t float_to_bf16(float f) {
 
 // IEEE half <-> float without F16C, branch free (the bit tricks of the FP16 library, which
 // c10::Half uses too): gcc does not vectorise _Float16 conversions, this vectorises.
-FASTKD_INLINE float half_to_float(uint16_t h) {
+FASTKD_HD float half_to_float(uint16_t h) {
   const uint32_t w = static_cast<uint32_t>(h) << 16;
   const uint32_t sign = w & 0x80000000u;
   const uint32_t two_w = w + w;
@@ -121,7 +119,7 @@ FASTKD_INLINE float half_to_float(uint16_t h) {
   return from_bits(sign | magnitude);
 }
 
-FASTKD_INLINE uint16_t float_to_half(float f) {
+FASTKD_HD uint16_t float_to_half(float f) {
   const uint32_t w = bits_of(f);
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & 0x80000000u;
@@ -134,5 +132,12 @@ FASTKD_INLINE uint16_t float_to_half(float f) {
   const uint32_t nonsign = ((b >> 13) & 0x00007c00u) + (b & 0x00000fffu);
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
 }
+
+// The math policy of the CPU kernels: kd_math.h's element functions with these polynomials.
+struct CpuMath {
+  static FASTKD_HD float exp(float x) { return exp_f(x); }
+  static FASTKD_HD float log1p(float x) { return log1p_f(x); }
+  static FASTKD_HD float tanh(float x) { return tanh_f(x); }
+};
 
 }  // namespace fastkd::cpu

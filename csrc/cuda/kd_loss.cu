@@ -1,16 +1,18 @@
 // CUDA kernels of fastkd::kd_loss_fwd and fastkd::kd_loss_bwd, and their launchers (kd_loss.h).
-// Contract and row math: fastkd/_ops.py; executable truth: fastkd/reference.py; the algorithm,
-// -inf guards and stats layout of the Triton kernels in kernels/kd_loss.py.
+// Contract: docs/design.md §2; executable truth: fastkd/reference.py; the algorithm and stats
+// layout of the Triton kernels in kernels/kd_loss.py. The per-column math is csrc/kd_math.h's,
+// which the CPU kernels run too (docs/design.md §3), with the math policy CudaMath below.
 //
 // One thread block per row (a grid-stride loop over rows). The threads stream the row in 16-byte
 // chunks (8 bf16/fp16 or 4 fp32 columns: one vector load per tensor); columns before the first
 // 16-byte boundary of the student row and after its last full chunk are read one by one. Each
 // thread keeps a running max and sum per softmax (rescaled only when its max grows), and one
 // block reduction merges them. jsd, tvd and the skew divergences then re-read the row at once
-// in the same block, while it is still in L2. Math is fp32; expf/logf are the accurate ones
+// in the same block, while it is still in L2. The gradient is written with 16-byte stores where
+// the grad row has the student row's alignment. Math is fp32; expf/logf are the accurate ones
 // (no fast-math), so results match the fp64 reference at fp32 rounding.
 //
-// No torch header here: nvcc compiles this file alone where torch has no CUDA (DESIGN.md §5).
+// No torch header here: nvcc compiles this file alone where torch has no CUDA (docs/design.md §6).
 #include "cuda/kd_loss.h"
 
 #include <cuda_bf16.h>
@@ -22,11 +24,21 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kd_math.h"
+
 namespace fastkd::cuda {
 namespace {
 
-constexpr float kInf = INFINITY;
-constexpr float kNegInf = -INFINITY;
+// The math policy of kd_math.h's element functions: libdevice's accurate functions (the build
+// has no --use_fast_math).
+struct CudaMath {
+  static FASTKD_HD float exp(float x) { return expf(x); }
+  static FASTKD_HD float log1p(float x) { return log1pf(x); }
+  static FASTKD_HD float tanh(float x) { return tanhf(x); }
+};
+using M = CudaMath;
+
+constexpr float kNegInf = -kInf;
 // Threads per block, at most: two blocks (rows) per SM at <= 64 registers a thread, so one row's
 // reductions overlap the other's loads.
 constexpr int kMaxThreads = 512;
@@ -61,6 +73,15 @@ __device__ __forceinline__ __half2 from_float2<__half2>(float a, float b) {
   return __floats2half2_rn(a, b);
 }
 
+// A 16-byte store to global memory (p 16-byte aligned): one STG.E.128. Written as a plain uint4 or
+// float4 store, nvcc 13 splits it into 32- or 64-bit stores here; __stwb would keep 128 bits but
+// compiles to a strong (.STRONG.SM) store.
+__device__ __forceinline__ void store16(void* p, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+
 // One 16-byte load or store of kN columns (the pointer must be 16-byte aligned).
 template <class T>
 struct Vec {  // bf16, fp16: four packed pairs
@@ -81,7 +102,7 @@ struct Vec {  // bf16, fp16: four packed pairs
     T2* h = reinterpret_cast<T2*>(&v);
 #pragma unroll
     for (int i = 0; i < kN / 2; ++i) h[i] = from_float2<T2>(x[2 * i], x[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p) = v;
+    store16(p, v);
   }
 };
 
@@ -96,7 +117,8 @@ struct Vec<float> {
     x[3] = v.w;
   }
   __device__ static void store(float* p, const float (&x)[kN]) {
-    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+    store16(p, make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]),
+                          __float_as_uint(x[3])));
   }
 };
 
@@ -124,19 +146,6 @@ __device__ __forceinline__ void partition(int h, int ncols, Body&& body, Single&
   for (int i = threadIdx.x; i < ns; i += blockDim.x) single(i < h ? i : tail + (i - h));
 }
 
-// logit_scale then softcap cap * tanh(x / cap), keeping -inf (a masked entry).
-__device__ __forceinline__ float transform(float z, float scale, float cap) {
-  const float x = z * scale;
-  return cap == 0.0f || x == kNegInf ? x : cap * tanhf(x / cap);
-}
-
-// d x / d z of transform, in terms of its output x (finite x only).
-__device__ __forceinline__ float dtransform(float x, float scale, float cap) {
-  if (cap == 0.0f) return scale;
-  const float r = x / cap;
-  return scale * (1.0f - r * r);
-}
-
 // Columns j .. j+N-1 of a row: x the transformed student logits, b = x_t / T for the teacher
 // columns < tlim and -inf past them.
 template <int N>
@@ -154,7 +163,7 @@ __device__ __forceinline__ void load_student(const T* s, int j, const KDParams& 
     Vec<T>::load(s + j, x);
   }
 #pragma unroll
-  for (int k = 0; k < N; ++k) x[k] = transform(x[k], a.s_scale, a.s_cap);
+  for (int k = 0; k < N; ++k) x[k] = transform<M>(x[k], a.s_scale, a.s_cap);
 }
 
 template <class T, int N>
@@ -172,7 +181,7 @@ __device__ __forceinline__ void load_teacher(const T* t, int j, int tlim, bool v
     for (int k = 0; k < N; ++k) b[k] = j + k < tlim ? to_float(t[j + k]) : kNegInf;
   }
 #pragma unroll
-  for (int k = 0; k < N; ++k) b[k] = transform(b[k], a.t_scale, a.t_cap) * a.inv_t;
+  for (int k = 0; k < N; ++k) b[k] = transform<M>(b[k], a.t_scale, a.t_cap) * a.inv_t;
 }
 
 // Calls f(chunk) on this thread's columns of [0, ncols) of one row; h = aligned_head(s, .).
@@ -211,7 +220,7 @@ struct Online {
   // Raises the max to cover values whose max is mx; returns the factor the sums were scaled by.
   __device__ float raise(float mx) {
     if (!(mx > m)) return 1.0f;
-    const float r = expf(m - mx);
+    const float r = M::exp(m - mx);
     s *= r;
     m = mx;
     return r;
@@ -253,24 +262,13 @@ __device__ __forceinline__ Pack<K> block_allreduce(Pack<K> x, Op op) {
   return total;
 }
 
-// log(e^(l1 + lw1) + e^(l2 + lw2)), -inf when both are -inf.
-__device__ __forceinline__ float log_mix(float l1, float l2, float lw1, float lw2) {
-  const float u = l1 + lw1, v = l2 + lw2;
-  const float hi = fmaxf(u, v), lo = fminf(u, v);
-  return hi == kNegInf ? kNegInf : hi + log1pf(expf(lo - hi));
-}
-
-// Weight of a row (0 for an ignored label) and its label.
-__device__ __forceinline__ float row_weight(const KDParams& a, int64_t row, int64_t& y) {
-  const float w = a.weights ? a.weights[row * a.w_stride] : 1.0f;
-  y = a.labels ? a.labels[row * a.l_stride] : 0;
-  return a.labels && y == a.ignore_index ? 0.0f : w;
-}
-
-// Forward: loss[row] and stats[row] = (lse(a), lse(b), lse(c), G) (fastkd/_ops.py table).
+// Forward: loss[row] and stats[row] = (lse(a), lse(b), lse(c), G) (docs/design.md §2).
 template <class T, int kDiv>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     kd_fwd_kernel(const KDParams a, float* __restrict__ loss, float* __restrict__ stats) {
+  const int vs = static_cast<int>(a.vs), kv = static_cast<int>(a.kv);
+  const int tlim = a.has_kd ? static_cast<int>(min(a.vt, a.kv)) : 0;
+  const int ncols = a.has_ce ? vs : (a.has_kd ? kv : 0);
   for (int64_t row = blockIdx.x; row < a.n; row += gridDim.x) {
     int64_t y;
     const float w = row_weight(a, row, y);
@@ -284,37 +282,31 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     }
     const T* s = static_cast<const T*>(a.student) + row * a.s_stride;
     const T* t = static_cast<const T*>(a.teacher) + row * a.t_stride;
-    const int tlim = a.has_kd ? min(a.vt, a.kv) : 0;
-    const int ncols = a.has_ce ? a.vs : (a.has_kd ? a.kv : 0);
-    const int h = aligned_head(s, ncols);
 
     // Pass 1: online softmax of a = x_s / T and b = x_t / T over the KD columns and of c = x_s
-    // over all columns; acc is sum e^(b - ref_b) (b - a) for kl, e^(a - ref_a) (a - b) for
-    // reverse_kl.
+    // over all columns; acc is the sum of one_pass_term (kl, reverse_kl).
     Online A, B, C;
     float acc = 0.0f;
-    for_chunks(s, t, h, ncols, tlim, a, [&](const auto& ch) {
+    for_chunks(s, t, aligned_head(s, ncols), ncols, tlim, a, [&](const auto& ch) {
       constexpr int N = width_of<decltype(ch)>;
       if (a.has_kd) {
         float av[N];
         float ma = kNegInf, mb = kNegInf;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          av[k] = ch.j + k < a.kv ? ch.x[k] * a.inv_t : kNegInf;
+          av[k] = ch.j + k < kv ? ch.x[k] * a.inv_t : kNegInf;
           ma = fmaxf(ma, av[k]);
           mb = fmaxf(mb, ch.b[k]);
         }
         const float ra = A.raise(ma), rb = B.raise(mb);
         const float ref_a = A.ref(), ref_b = B.ref();
-        float sa = 0.0f, sb = 0.0f;
-        [[maybe_unused]] float part = 0.0f;
+        float sa = 0.0f, sb = 0.0f, part = 0.0f;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          const float ea = expf(av[k] - ref_a), eb = expf(ch.b[k] - ref_b);
+          const float ea = M::exp(av[k] - ref_a), eb = M::exp(ch.b[k] - ref_b);
           sa += ea;
           sb += eb;
-          if constexpr (kDiv == kKL) part += ch.b[k] > kNegInf ? eb * (ch.b[k] - av[k]) : 0.0f;
-          if constexpr (kDiv == kReverseKL) part += av[k] > kNegInf ? ea * (av[k] - ch.b[k]) : 0.0f;
+          part += one_pass_term<kDiv>(av[k], ch.b[k], ea, eb);
         }
         A.s += sa;
         B.s += sb;
@@ -330,7 +322,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
         const float ref_c = C.ref();
         float sc = 0.0f;
 #pragma unroll
-        for (int k = 0; k < N; ++k) sc += expf(ch.x[k] - ref_c);
+        for (int k = 0; k < N; ++k) sc += M::exp(ch.x[k] - ref_c);
         C.s += sc;
       }
     });
@@ -343,8 +335,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
           for (int i = 0; i < 3; ++i) {
             const float m = fmaxf(x.v[2 * i], o.v[2 * i]);
             const float ref = m == kNegInf ? 0.0f : m;
-            fx[i] = expf(x.v[2 * i] - ref);
-            fo[i] = expf(o.v[2 * i] - ref);
+            fx[i] = M::exp(x.v[2 * i] - ref);
+            fo[i] = M::exp(o.v[2 * i] - ref);
             x.v[2 * i + 1] = x.v[2 * i + 1] * fx[i] + o.v[2 * i + 1] * fo[i];
             x.v[2 * i] = m;
           }
@@ -368,32 +360,17 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
         d = r.v[6] / s_a + (m_b - m_a) + logf(s_b / s_a);
         big_g = d;
       } else {
-        // Pass 2 over the KD columns, once the log-sum-exps are known: sd is sum p (lp - lm)
-        // (jsd, skew_kl), |p - q| (tvd), q (lq - lm) (skew_reverse_kl); sg is G.
+        // Pass 2 over the KD columns, once the log-sum-exps are known: the sums of
+        // two_pass_terms.
         float sd = 0.0f, sg = 0.0f;
-        for_chunks(s, t, aligned_head(s, a.kv), a.kv, tlim, a, [&](const auto& ch) {
+        for_chunks(s, t, aligned_head(s, kv), kv, tlim, a, [&](const auto& ch) {
           constexpr int N = width_of<decltype(ch)>;
 #pragma unroll
           for (int k = 0; k < N; ++k) {
             const float lq = ch.x[k] * a.inv_t - la, lp = ch.b[k] - lb;
-            const float q = expf(lq), p = expf(lp);
-            if constexpr (kDiv == kJSD) {
-              const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
-              sd += p > 0.0f ? p * (lp - lm) : 0.0f;
-              sg += q > 0.0f ? q * (lq - lm) : 0.0f;
-            } else if constexpr (kDiv == kTVD) {
-              sd += fabsf(p - q);
-              sg += q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f);
-            } else if constexpr (kDiv == kSkewKL) {  // q g = -(1 - l) q p / m
-              const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
-              sd += p > 0.0f ? p * (lp - lm) : 0.0f;
-              sg += q > 0.0f && p > 0.0f ? -(1.0f - a.mix) * expf(lq + lp - lm) : 0.0f;
-            } else {  // kSkewReverseKL: q g = q (lq - lm) - l q^2 / m
-              const float lm = log_mix(lq, lp, a.log_w1, a.log_w2);
-              const float tq = q > 0.0f ? q * (lq - lm) : 0.0f;
-              sd += tq;
-              sg += q > 0.0f ? tq - a.mix * expf(2.0f * lq - lm) : 0.0f;
-            }
+            const Terms tk = two_pass_terms<M, kDiv>(lq, lp, M::exp(lq), M::exp(lp), a.mix);
+            sd += tk.d;
+            sg += tk.g;
           }
         });
         const Pack<2> sums = block_allreduce(Pack<2>{{sd, sg}}, [](Pack<2> x, const Pack<2>& o) {
@@ -401,13 +378,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
           x.v[1] += o.v[1];
           return x;
         });
-        if constexpr (kDiv == kJSD) {
-          d = a.mix * sums.v[0] + (1.0f - a.mix) * sums.v[1];
-        } else if constexpr (kDiv == kTVD) {
-          d = 0.5f * sums.v[0];
-        } else {
-          d = sums.v[0];
-        }
+        d = divergence_of<kDiv>(sums.v[0], sums.v[1], a.mix.mix);
         big_g = sums.v[1];
       }
       total = a.kd_w * a.temp * a.temp * d;
@@ -416,8 +387,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     if (threadIdx.x == 0) {
       if (a.has_ce) {
         // An out-of-range label gives NaN (the contract: no host check on the device).
-        const bool valid = y >= 0 && y < a.vs;
-        const float ce = valid ? lc - transform(to_float(s[y]), a.s_scale, a.s_cap) : NAN;
+        const bool valid = y >= 0 && y < vs;
+        const float ce = valid ? lc - transform<M>(to_float(s[y]), a.s_scale, a.s_cap) : NAN;
         total += a.ce_w * ce;
       }
       loss[row] = w * total;
@@ -426,31 +397,6 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
       st[2] = lc;
       st[3] = big_g;
     }
-  }
-}
-
-// dD/da_j of one KD column from lq = a_j - lse(a), lp = b_j - lse(b) and G (fastkd/_ops.py).
-template <int kDiv>
-__device__ __forceinline__ float kd_grad(float lq, float lp, float big_g, const KDParams& a) {
-  const float q = expf(lq), p = expf(lp);
-  if constexpr (kDiv == kKL) {
-    return q - p;
-  } else if constexpr (kDiv == kReverseKL) {
-    return q > 0.0f ? q * (lq - lp - big_g) : 0.0f;
-  } else if constexpr (kDiv == kJSD) {
-    const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
-    return (1.0f - a.mix) * (q > 0.0f ? q * (lq - lm - big_g) : 0.0f);
-  } else if constexpr (kDiv == kTVD) {
-    const float hq = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
-    return q * (hq - big_g);
-  } else if constexpr (kDiv == kSkewKL) {
-    const float lm = log_mix(lp, lq, a.log_w1, a.log_w2);
-    const float qg = q > 0.0f && p > 0.0f ? -(1.0f - a.mix) * expf(lq + lp - lm) : 0.0f;
-    return qg - q * big_g;
-  } else {  // kSkewReverseKL
-    const float lm = log_mix(lq, lp, a.log_w1, a.log_w2);
-    const float qg = q * (lq - lm) - a.mix * expf(2.0f * lq - lm);
-    return q > 0.0f ? qg - q * big_g : 0.0f;
   }
 }
 
@@ -470,43 +416,41 @@ __device__ __forceinline__ void store_chunk(T* g, int j, const float (&v)[N], bo
 // student itself: every element is read (into its chunk) by the thread that later writes it.
 template <class T, int kDiv>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
-    kd_bwd_kernel(const KDParams a, const float* __restrict__ stats,
-                  const float* __restrict__ grad_loss, int64_t gl_stride, T* grad,
-                  int64_t g_stride) {
+    kd_bwd_kernel(const KDParams a, const KDGrad gr) {
   constexpr int V = Vec<T>::kN;
+  const int vs = static_cast<int>(a.vs), kv = static_cast<int>(a.kv);
+  const int tlim = a.has_kd ? static_cast<int>(min(a.vt, a.kv)) : 0;
   for (int64_t row = blockIdx.x; row < a.n; row += gridDim.x) {
     int64_t y;
     const float w = row_weight(a, row, y);
-    T* g = grad + row * g_stride;
+    T* g = static_cast<T*>(gr.grad) + row * gr.g_stride;
     if (w == 0.0f) {  // zero gradient, the row is not read
       const float zero[V] = {};
       partition<V>(
-          aligned_head(g, a.vs), a.vs, [&](int j) { Vec<T>::store(g + j, zero); },
+          aligned_head(g, vs), vs, [&](int j) { Vec<T>::store(g + j, zero); },
           [&](int j) { g[j] = from_float<T>(0.0f); });
       continue;
     }
     const T* s = static_cast<const T*>(a.student) + row * a.s_stride;
     const T* t = static_cast<const T*>(a.teacher) + row * a.t_stride;
-    const float scale = w * grad_loss[row * gl_stride];
-    const float la = stats[4 * row], lb = stats[4 * row + 1], lc = stats[4 * row + 2],
-                big_g = stats[4 * row + 3];
+    const float scale = w * gr.grad_loss[row * gr.gl_stride];
+    const float* st = gr.stats + 4 * row;
+    const float la = st[0], lb = st[1], lc = st[2], big_g = st[3];
     const float kd_scale = scale * a.kd_w * a.temp, ce_scale = scale * a.ce_w;
-    const int tlim = a.has_kd ? min(a.vt, a.kv) : 0;
-    const int h = aligned_head(s, a.vs);
+    const int h = aligned_head(s, vs);
     const bool g_vec = aligned16(g + h);
-    for_chunks(s, t, h, a.vs, tlim, a, [&](const auto& ch) {
+    for_chunks(s, t, h, vs, tlim, a, [&](const auto& ch) {
       constexpr int N = width_of<decltype(ch)>;
       float out[N];
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const int j = ch.j + k;
-        const float x = ch.x[k];
-        float gk = 0.0f;
-        if (a.has_kd && j < a.kv) {
-          gk = kd_scale * kd_grad<kDiv>(x * a.inv_t - la, ch.b[k] - lb, big_g, a);
-        }
-        if (a.has_ce) gk += ce_scale * (expf(x - lc) - (j == y ? 1.0f : 0.0f));
-        out[k] = x == kNegInf ? 0.0f : gk * dtransform(x, a.s_scale, a.s_cap);
+        const float x = ch.x[k], lq = x * a.inv_t - la, lp = ch.b[k] - lb;
+        const float dd = a.has_kd && j < kv
+                             ? kd_grad<M, kDiv>(lq, lp, M::exp(lq), M::exp(lp), big_g, a.mix)
+                             : 0.0f;
+        const float dce = a.has_ce ? ce_grad(M::exp(x - lc), j == y) : 0.0f;
+        out[k] = transform_grad(logit_grad(kd_scale, dd, ce_scale, dce), x, a.s_scale, a.s_cap);
       }
       store_chunk<T>(g, ch.j, out, g_vec);
     });
@@ -514,7 +458,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 }
 
 // Threads per row: at least 64 columns per thread before the block grows.
-int threads_for(int vs) {
+int threads_for(int64_t vs) {
   int threads = 128;
   while (threads < kMaxThreads && threads * 64 < vs) threads *= 2;
   return threads;
@@ -522,57 +466,36 @@ int threads_for(int vs) {
 
 unsigned grid_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(n, INT32_MAX)); }
 
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<T>{}, integral_constant<int, divergence>{}) for the runtime dtype and divergence,
-// so every combination gets its own kernels with no branch on them inside.
-template <class T, class F>
-cudaError_t with_divergence(int div, F&& f) {
-  switch (div) {
-    case kKL: return f(Tag<T>{}, std::integral_constant<int, kKL>{});
-    case kReverseKL: return f(Tag<T>{}, std::integral_constant<int, kReverseKL>{});
-    case kJSD: return f(Tag<T>{}, std::integral_constant<int, kJSD>{});
-    case kTVD: return f(Tag<T>{}, std::integral_constant<int, kTVD>{});
-    case kSkewKL: return f(Tag<T>{}, std::integral_constant<int, kSkewKL>{});
-    case kSkewReverseKL: return f(Tag<T>{}, std::integral_constant<int, kSkewReverseKL>{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
+// Launches f(T{}, integral_constant<int, divergence>{}) for the call's dtype and divergence, so
+// every combination gets its own kernels with no branch on them inside.
 template <class F>
-cudaError_t with_kernel_types(Dtype dtype, int div, F&& f) {
-  switch (dtype) {
-    case Dtype::kFloat32: return with_divergence<float>(div, f);
-    case Dtype::kBFloat16: return with_divergence<__nv_bfloat16>(div, f);
-    case Dtype::kFloat16: return with_divergence<__half>(div, f);
+cudaError_t with_kernel_types(const KDParams& p, F&& f) {
+  const auto with_type = [&](auto type) {
+    return with_divergence(p.divergence, [&](auto div) { return f(type, div); });
+  };
+  switch (p.dtype) {
+    case Dtype::kFloat32: return with_type(float{});
+    case Dtype::kBFloat16: return with_type(__nv_bfloat16{});
+    case Dtype::kFloat16: return with_type(__half{});
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t kd_loss_fwd_launch(const KDParams& p, Dtype dtype, float* loss, float* stats,
+cudaError_t kd_loss_fwd_launch(const KDParams& p, float* loss, float* stats,
                                cudaStream_t stream) {
-  if (p.n == 0) return cudaSuccess;
-  return with_kernel_types(dtype, p.divergence, [&](auto tag, auto div) {
-    using T = typename decltype(tag)::type;
-    kd_fwd_kernel<T, decltype(div)::value>
+  return with_kernel_types(p, [&](auto type, auto div) {
+    kd_fwd_kernel<decltype(type), decltype(div)::value>
         <<<grid_for(p.n), threads_for(p.vs), 0, stream>>>(p, loss, stats);
     return cudaGetLastError();
   });
 }
 
-cudaError_t kd_loss_bwd_launch(const KDParams& p, Dtype dtype, const float* stats,
-                               const float* grad_loss, int64_t gl_stride, void* grad,
-                               int64_t g_stride, cudaStream_t stream) {
-  if (p.n == 0) return cudaSuccess;
-  return with_kernel_types(dtype, p.divergence, [&](auto tag, auto div) {
-    using T = typename decltype(tag)::type;
-    kd_bwd_kernel<T, decltype(div)::value><<<grid_for(p.n), threads_for(p.vs), 0, stream>>>(
-        p, stats, grad_loss, gl_stride, static_cast<T*>(grad), g_stride);
+cudaError_t kd_loss_bwd_launch(const KDParams& p, const KDGrad& g, cudaStream_t stream) {
+  return with_kernel_types(p, [&](auto type, auto div) {
+    kd_bwd_kernel<decltype(type), decltype(div)::value>
+        <<<grid_for(p.n), threads_for(p.vs), 0, stream>>>(p, g);
     return cudaGetLastError();
   });
 }

@@ -1,0 +1,183 @@
+// The element math of the native kernels, one copy for CPU and CUDA (docs/design.md §3): the
+// divergence codes and, per column, the logit transform, the log-mixture, each divergence's loss,
+// G and dD/da_j terms and the CE's gradient. Plain C++ for nvcc and g++; math policy M (static
+// fp32 exp, log1p, tanh): CudaMath (accurate expf...) in csrc/cuda/kd_loss.cu, CpuMath
+// (vectorisable polynomials) in csrc/cpu/vec_math.h. Row algorithms stay in the backends.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define FASTKD_HD __host__ __device__ __forceinline__
+#else
+// always_inline: inside a multiversioned CPU kernel, the callee is compiled for its ISA.
+#define FASTKD_HD inline __attribute__((always_inline))
+#endif
+
+namespace fastkd {
+
+// The divergences in fastkd._options.DIVERGENCES order: X(enumerator, Python name). The code is
+// the position (the ops' `divergence` argument); fastkd._C.divergence_codes() exports the names.
+#define FASTKD_DIVERGENCES(X)       \
+  X(kKL, "kl")                      \
+  X(kReverseKL, "reverse_kl")       \
+  X(kJSD, "jsd")                    \
+  X(kTVD, "tvd")                    \
+  X(kSkewKL, "skew_kl")             \
+  X(kSkewReverseKL, "skew_reverse_kl")
+
+enum Divergence : int {
+#define FASTKD_DIVERGENCE_ENUM(id, name) id,
+  FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_ENUM)
+#undef FASTKD_DIVERGENCE_ENUM
+  kNumDivergences
+};
+
+// The divergences through a mixture m of p and q, weighted by `mix` (beta or skew).
+constexpr bool is_mixture(int64_t divergence) {
+  return divergence == kJSD || divergence == kSkewKL || divergence == kSkewReverseKL;
+}
+
+// Calls f(std::integral_constant<int, code>{}) for a divergence code, so a kernel is compiled per
+// divergence with no branch on it inside. Host code; resolve_params has checked the code.
+template <class F>
+decltype(auto) with_divergence(int divergence, F&& f) {
+  switch (divergence) {
+#define FASTKD_DIVERGENCE_CASE(id, name) \
+  case id: return f(std::integral_constant<int, id>{});
+    FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_CASE)
+#undef FASTKD_DIVERGENCE_CASE
+  }
+  return f(std::integral_constant<int, kKL>{});  // not reached
+}
+
+constexpr float kInf = __builtin_huge_valf();
+
+// The mixture's weight (beta for jsd, skew for the skew divergences) and the logs of the two
+// weights log(mix), log(1 - mix) of the log-mixture. Unused (0) for the other divergences.
+struct Mixture {
+  float mix, log_w1, log_w2;
+};
+
+// ---- Logit transform: x = softcap(scale * z), cap 0 meaning none ----
+
+// Keeps -inf (a masked entry). A literal cap of 0 folds the tanh away.
+template <class M>
+FASTKD_HD float transform(float z, float scale, float cap) {
+  const float x = z * scale;
+  return cap == 0.0f || x == -kInf ? x : cap * M::tanh(x / cap);
+}
+
+// g * dx/dz in terms of the output x of transform; 0 where x = -inf (no gradient into a
+// masked logit).
+FASTKD_HD float transform_grad(float g, float x, float scale, float cap) {
+  const float dx = cap == 0.0f ? scale : scale * (1.0f - (x / cap) * (x / cap));
+  return x == -kInf ? 0.0f : g * dx;
+}
+
+// log(e^(l1 + lw1) + e^(l2 + lw2)), -inf when both are -inf. Branch free (selects only).
+template <class M>
+FASTKD_HD float log_mix(float l1, float l2, float lw1, float lw2) {
+  const float u = l1 + lw1, v = l2 + lw2;
+  const float hi = u > v ? u : v, lo = u > v ? v : u;
+  const float safe = hi == -kInf ? 0.0f : hi;
+  return hi == -kInf ? -kInf : safe + M::log1p(M::exp(lo - safe));
+}
+
+// ---- Divergences (fastkd/_ops.py table). Per KD column: a = x_s / T, b = x_t / T,
+// lq = a - lse(a), lp = b - lse(b), q = e^lq, p = e^lp. A term whose leading probability is
+// exactly 0 is 0 (no 0 * log 0 = NaN). ----
+
+// kl and reverse_kl in one pass, before lse(a), lse(b) are known: this column's share of
+// sum e^(b - r_b) (b - a) (kl) or sum e^(a - r_a) (a - b) (reverse_kl), where ea = e^(a - r_a),
+// eb = e^(b - r_b) for the running max r. D = that sum / the sum of eb (ea) + lse(a) - lse(b)
+// (swapped for reverse_kl). 0 for the other divergences.
+template <int kDiv>
+FASTKD_HD float one_pass_term(float a, float b, float ea, float eb) {
+  if constexpr (kDiv == kKL) {
+    return b > -kInf ? eb * (b - a) : 0.0f;
+  } else if constexpr (kDiv == kReverseKL) {
+    return a > -kInf ? ea * (a - b) : 0.0f;
+  } else {
+    return 0.0f;
+  }
+}
+
+// This column's shares of the sums a second pass takes once lse(a), lse(b) are known (jsd, tvd,
+// skew divergences): `d` of the divergence's sum (divergence_of turns the row's sums into D) and
+// `g` of G.
+struct Terms {
+  float d, g;
+};
+
+template <class M, int kDiv>
+FASTKD_HD Terms two_pass_terms(float lq, float lp, float q, float p, const Mixture& w) {
+  if constexpr (kDiv == kJSD) {  // d: p (lp - lm), g: q (lq - lm)
+    const float lm = log_mix<M>(lp, lq, w.log_w1, w.log_w2);
+    return {p > 0.0f ? p * (lp - lm) : 0.0f, q > 0.0f ? q * (lq - lm) : 0.0f};
+  } else if constexpr (kDiv == kTVD) {  // d: |p - q|, g: q h
+    return {p > q ? p - q : q - p, q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f)};
+  } else if constexpr (kDiv == kSkewKL) {  // d: p (lp - lm), g: q g = -(1 - l) q p / m
+    const float lm = log_mix<M>(lp, lq, w.log_w1, w.log_w2);
+    const float qg = -(1.0f - w.mix) * M::exp(lq + lp - lm);
+    // q > 0 and p > 0, written as min(q, p) > 0: gcc 12 does not vectorise `a & b` here.
+    return {p > 0.0f ? p * (lp - lm) : 0.0f, (q < p ? q : p) > 0.0f ? qg : 0.0f};
+  } else if constexpr (kDiv == kSkewReverseKL) {  // d: q (lq - lm), g: d - l q^2 / m
+    const float lm = log_mix<M>(lq, lp, w.log_w1, w.log_w2);
+    const float tq = q > 0.0f ? q * (lq - lm) : 0.0f;
+    return {tq, q > 0.0f ? tq - w.mix * M::exp(2.0f * lq - lm) : 0.0f};
+  } else {
+    return {0.0f, 0.0f};
+  }
+}
+
+// D of a row from its sums of two_pass_terms (F: the backend's accumulator type).
+template <int kDiv, class F>
+FASTKD_HD F divergence_of(F sum_d, F sum_g, F mix) {
+  if constexpr (kDiv == kJSD) {
+    return mix * sum_d + (F(1) - mix) * sum_g;
+  } else if constexpr (kDiv == kTVD) {
+    return F(0.5) * sum_d;
+  } else {
+    return sum_d;
+  }
+}
+
+// dD/da_j of one KD column, from the row's G (stats[:, 3]).
+template <class M, int kDiv>
+FASTKD_HD float kd_grad(float lq, float lp, float q, float p, float big_g, const Mixture& w) {
+  if constexpr (kDiv == kKL) {
+    return q - p;
+  } else if constexpr (kDiv == kReverseKL) {
+    return q > 0.0f ? q * (lq - lp - big_g) : 0.0f;
+  } else if constexpr (kDiv == kJSD) {
+    const float lm = log_mix<M>(lp, lq, w.log_w1, w.log_w2);
+    return (1.0f - w.mix) * (q > 0.0f ? q * (lq - lm - big_g) : 0.0f);
+  } else if constexpr (kDiv == kTVD) {
+    const float h = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
+    return q * (h - big_g);
+  } else if constexpr (kDiv == kSkewKL) {
+    const float lm = log_mix<M>(lp, lq, w.log_w1, w.log_w2);
+    const float qg = -(1.0f - w.mix) * M::exp(lq + lp - lm);
+    return ((q < p ? q : p) > 0.0f ? qg : 0.0f) - q * big_g;
+  } else {  // kSkewReverseKL
+    const float lm = log_mix<M>(lq, lp, w.log_w1, w.log_w2);
+    const float qg = q * (lq - lm) - w.mix * M::exp(2.0f * lq - lm);
+    return q > 0.0f ? qg - q * big_g : 0.0f;
+  }
+}
+
+// ---- Cross-entropy ----
+
+// dCE/dc_j = s1_j - [j == label], s1_j = e^(c_j - lse(c)).
+FASTKD_HD float ce_grad(float s1, bool is_label) { return is_label ? s1 - 1.0f : s1; }
+
+// The gradient of one row's loss with respect to x_s at a column, before transform_grad:
+// kd_scale dD/da_j (KD columns; kd_scale = w grad_loss kd_weight T) + ce_scale dCE/dc_j
+// (ce_scale = w grad_loss ce_weight).
+FASTKD_HD float logit_grad(float kd_scale, float dd, float ce_scale, float dce) {
+  return kd_scale * dd + ce_scale * dce;
+}
+
+}  // namespace fastkd
