@@ -311,9 +311,9 @@ def run_case(
     return rows
 
 
-def write_results(path: Path, rows: list[dict], **extra: object) -> None:
-    """Write one run's rows, with the environment they were measured in (and ``extra``
-    top-level entries), to ``path``."""
+def write_results(path: Path, rows: list[dict], env: dict | None = None, **extra: object) -> None:
+    """Write one run's rows, with the environment they were measured in (``env``, taken when
+    the run started; default: now) and ``extra`` top-level entries, to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"environment": environment(), **extra, "rows": rows}
+    data = {"environment": env or environment(), **extra, "rows": rows}
     path.write_text(json.dumps(data, indent=1))

@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 
 from fastkd.bench import plot
-from fastkd.bench.harness import MODES, Case, device_slug, op_module, run_case, write_results
+from fastkd.bench.harness import (
+    MODES,
+    Case,
+    device_slug,
+    environment,
+    op_module,
+    run_case,
+    write_results,
+)
 
 OPS = ("kd_loss", "fused_linear_kd_loss", "train_step")
 RESULTS = Path(__file__).parent / "results"
@@ -93,6 +101,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     out_dir = args.out or RESULTS / device_slug(args.device)
     start = time.monotonic()
+    env = environment()  # the commit and versions the run starts from
     written = []
     for op in args.op or OPS:
         compiled = getattr(op_module(op), "COMPILED", ()) if args.quick else ()
@@ -120,7 +129,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         if not rows:
             continue
         path = out_dir / f"{op}{'-quick' if args.quick else ''}.json"
-        write_results(path, rows, **({"skipped_cases": skipped} if skipped else {}))
+        write_results(path, rows, env, **({"skipped_cases": skipped} if skipped else {}))
         written.append(path)
         written += plot.plot_file(path)
     for path in written:
