@@ -4,6 +4,7 @@ references to it from the sources, and the README's commands and links."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def source_files() -> list[Path]:
             if path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts:
                 files.append(path)
     return files
+
+
+@functools.cache
+def source_text() -> str:
+    return "\n".join(p.read_text(errors="replace") for p in source_files())
 
 
 def where(path: Path, text: str, pos: int) -> str:
@@ -168,8 +174,18 @@ def test_paths_in_the_docs_exist(design):
     assert not missing, "paths that do not exist:\n" + "\n".join(sorted(set(missing)))
 
 
+def test_identifiers_in_the_design_exist(design):
+    """Every backticked name in docs/design.md (a function, type, option, field, macro) is
+    spelled somewhere in the sources, so a rename in the code cannot leave the doc behind."""
+    code = source_text()
+    names = {n.removesuffix("()") for n in re.findall(r"`([^`]+)`", design)}
+    idents = sorted(n for n in names if re.fullmatch(r"[A-Za-z_]\w*", n))
+    unknown = [n for n in idents if not re.search(rf"\b{re.escape(n)}\b", code)]
+    assert not unknown, f"names in docs/design.md the sources do not have: {unknown}"
+
+
 def test_environment_variables_in_the_docs_exist(design):
-    code = "\n".join(p.read_text(errors="replace") for p in source_files())
+    code = source_text()
     named = set(re.findall(r"\bFASTKD_[A-Z0-9_]+", design + README.read_text()))
     assert named, "the docs name no FASTKD_* variable"
     unknown = sorted(v for v in named if v not in code)
