@@ -123,7 +123,7 @@ KDParams resolve_params(const at::Tensor& student, const at::Tensor& teacher,
   p.t_scale = static_cast<float>(teacher_scale);
   p.t_cap = static_cast<float>(teacher_softcap);
   p.has_kd = kd_weight != 0;
-  p.has_ce = ce_weight != 0 && labels;  // no labels: no CE term (fastkd/_ops.py)
+  p.has_ce = ce_weight != 0 && labels;  // no labels: no CE term (docs/design.md §2)
   return p;
 }
 

@@ -85,7 +85,7 @@ FASTKD_HD float log_mix(float l1, float l2, float lw1, float lw2) {
   return hi == -kInf ? -kInf : safe + M::log1p(M::exp(lo - safe));
 }
 
-// ---- Divergences (fastkd/_ops.py table). Per KD column: a = x_s / T, b = x_t / T,
+// ---- Divergences (docs/design.md §2 table). Per KD column: a = x_s / T, b = x_t / T,
 // lq = a - lse(a), lp = b - lse(b), q = e^lq, p = e^lp. A term whose leading probability is
 // exactly 0 is 0 (no 0 * log 0 = NaN). ----
 
