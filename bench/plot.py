@@ -57,17 +57,27 @@ def plot_file(path: Path) -> list[Path]:
     written = []
     for mode in sorted({r["mode"] for r in rows}):
         sel = [r for r in rows if r["mode"] == mode]
-        shapes = sorted({case_key(r) for r in sel})
+        # Shapes grouped by loss (alpha; CE only last), lines only within a group.
+        shapes = sorted({case_key(r) for r in sel}, key=lambda k: (k[2], k[:2]))
         labels = [label(key) for key in shapes]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for contender in sorted({r["contender"] for r in sel}):
+        for n, contender in enumerate(sorted({r["contender"] for r in sel})):
             by_shape = {case_key(r): r for r in sel if r["contender"] == contender}
-            xs = [i for i, s in enumerate(shapes) if s in by_shape]
             for ax, key in zip(axes, ("median_ms", "peak_mem_mb")):
-                ys = [by_shape[shapes[i]].get(key) for i in xs]
-                pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=contender)
+                for alpha in sorted({s[2] for s in by_shape}):
+                    pts = [
+                        (i, by_shape[s][key])
+                        for i, s in enumerate(shapes)
+                        if s in by_shape and s[2] == alpha and by_shape[s].get(key) is not None
+                    ]
+                    if pts:
+                        first = alpha == min(s[2] for s in by_shape)
+                        ax.plot(
+                            *zip(*pts),
+                            marker="o",
+                            color=f"C{n % 10}",
+                            label=contender if first else None,
+                        )
         for ax, title in zip(axes, ("time (ms, median)", "peak extra memory (MiB)")):
             ax.set_xticks(range(len(shapes)), labels, rotation=30, ha="right")
             ax.set_xlabel("BT x V")
