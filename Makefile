@@ -27,7 +27,7 @@ $(STAMP): $(NATIVE_SOURCES)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt setuptools
-	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[train,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[train,test,bench]"
 	touch $@
 
 setup: $(STAMP)
