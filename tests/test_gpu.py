@@ -13,7 +13,10 @@ from test_kd_loss import check_backend, make_inputs
 
 import fastkd
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 GPU_BACKENDS = [p for p in kernel_backends() if p.id != "cpu"]
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 

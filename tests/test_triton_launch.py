@@ -152,6 +152,7 @@ def _slow_copy(dst, src):
     dst.copy_(src)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(device_for("triton").type != "cuda", reason="needs a CUDA device")
 def test_launch_on_current_stream():
     student, teacher, labels = rows(8, 5003, seed=5, device="cuda")
@@ -165,6 +166,7 @@ def test_launch_on_current_stream():
     assert torch.equal(loss, expected)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launch_on_tensors_device():
     """Student on cuda:1 while cuda:0 is current, inputs written on cuda:1's current (side)
