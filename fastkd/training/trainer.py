@@ -1,18 +1,31 @@
 """``DistillationTrainer``: ``transformers.Trainer`` driving a ``Distiller``.
 
-Only the loss, the logging of its parts and the save/load format are new here; checkpointing,
-resume, gradient accumulation, mixed precision and DDP/FSDP are the Trainer's (accelerate's).
+Only the loss, the logging and evaluation of its parts, the save/load format and atomic
+checkpoints are new here; resume, gradient accumulation, mixed precision and DDP are the
+Trainer's (accelerate's).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, rotate_checkpoints
 
-from fastkd.training.distiller import Distiller
+from fastkd.training.distiller import DISTILL_PARTS, Distiller
+
+# Where a checkpoint is written before it is renamed to checkpoint-N (docs/design.md §10).
+STAGING_DIR = ".checkpoint-staging"
+# Columns of the per-sequence statistics that evaluation gathers instead of logits.
+EVAL_STATS = ("tokens", "nll", "correct", *DISTILL_PARTS)
 
 
 class _EMAUpdate(transformers.TrainerCallback):
@@ -25,21 +38,39 @@ class _EMAUpdate(transformers.TrainerCallback):
 
 class DistillationTrainer(transformers.Trainer):
     """A Trainer whose model is a ``Distiller``: the student (and any feature projections) is
-    trained, the teachers are not. Each active loss part (kd, ce, feature, attention: see
+    trained, the teachers are not. Each active loss part (kd, ce, feature, attention, aux: see
     ``Distiller.active_parts``) is logged as ``loss_<part>``, averaged over the logging
     interval on each process.
 
-    ``save_model`` / checkpoints write the student with ``save_pretrained`` (plus the tokenizer
-    given as ``processing_class``, the projections and the distillation config), so an output
-    directory is a model directory that ``from_pretrained`` and ``fastkd eval`` accept.
+    ``evaluate()`` reports ``eval_loss``, each active part (``eval_kd``, ``eval_ce``, ...),
+    ``eval_perplexity`` and ``eval_accuracy`` of the student's next-token prediction, and
+    ``eval_tokens``, without materializing logits. A ``compute_metrics`` given by the user
+    receives an ``EvalPrediction`` whose ``predictions`` are per-sequence statistics, one
+    column per name in ``EVAL_STATS`` (the parts are their batch's value), and whose
+    ``label_ids`` are the labels; what it returns is added to those metrics.
+
+    ``save_model`` / checkpoints write the student with ``Distiller.save_pretrained`` (plus the
+    tokenizer given as ``processing_class``, the projections and the distillation config), so
+    an output directory is a model directory that ``from_pretrained`` and ``fastkd eval``
+    accept (a PEFT student: its adapter, or the merged model with ``merge_adapters=True``). A
+    checkpoint is written into ``.checkpoint-staging`` under the output directory, synced to
+    disk and renamed to ``checkpoint-N`` only when complete, so a run killed at any moment
+    resumes from its newest complete checkpoint.
     """
 
     def __init__(self, distiller: Distiller, args: transformers.TrainingArguments, **kwargs):
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be a fastkd Distiller, got {type(distiller).__name__}")
+        if args.batch_eval_metrics:
+            raise ValueError(
+                "batch_eval_metrics is not supported by DistillationTrainer: its evaluation "
+                "gathers a few statistics per sequence, never logits"
+            )
+        kwargs["compute_metrics"] = _metrics(distiller, kwargs.get("compute_metrics"))
         super().__init__(model=distiller, args=args, **kwargs)
         self.distiller = distiller
         self._parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._staging: Path | None = None
         if distiller.distill_config.self_distillation == "ema":
             self.add_callback(_EMAUpdate(distiller))
 
@@ -53,8 +84,14 @@ class DistillationTrainer(transformers.Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        rows = inputs["input_ids"].shape[0]
+        columns = [getattr(out, name).detach().double().expand(rows) for name in EVAL_STATS]
+        labels = inputs.get("labels")
+        labels = inputs["input_ids"] if labels is None else labels
+        return loss.detach(), torch.stack(columns, 1), labels
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._parts and "loss" in logs:  # a training log line: add the parts
@@ -63,14 +100,108 @@ class DistillationTrainer(transformers.Trainer):
             self._parts.clear()
         super().log(logs, start_time)
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model(
+        self, output_dir: str | None = None, _internal_call: bool = False, *, merge_adapters=False
+    ) -> None:
+        """Write the student (see the class docstring); ``merge_adapters=True`` writes a PEFT
+        student merged into its base model, loadable with ``from_pretrained``."""
         output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        self.distiller.save_pretrained(
-            output_dir, tokenizer=self.processing_class, state_dict=state_dict
-        )
-        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+        state_dict = None
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            state_dict = self.accelerator.get_state_dict(self.model_wrapped)  # on every rank
+        if self.args.should_save:
+            self.distiller.save_pretrained(
+                output_dir,
+                tokenizer=self.processing_class,
+                state_dict=state_dict,
+                merge=merge_adapters,
+            )
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    # The two private methods below have no public counterpart: loading a checkpoint into the
+    # model, and where the Trainer writes a checkpoint.
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.distiller.load_weights(resume_from_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging directory and renamed into place
+        once every process has written its part and the files are on disk."""
+        run_dir = Path(self._get_output_dir(trial))
+        staging = run_dir / STAGING_DIR
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == staging:
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            if self.args.should_save:  # the copy in the checkpoint named the staging path
+                self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process wrote its RNG state
+        if self.args.should_save:
+            _publish(staging / name, run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Make the complete directory ``src`` appear as ``dst`` in one rename, after its files
+    and then the rename itself are on disk."""
+    for path in sorted(src.rglob("*"), reverse=True):  # files before their directories
+        _fsync(path)
+    _fsync(src)
+    if dst.exists():  # the same step saved again: the older copy goes first
+        old = src.parent / f"{dst.name}.old"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+    _fsync(dst.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _metrics(distiller: Distiller, user: Callable | None) -> Callable[[EvalPrediction], dict]:
+    """``compute_metrics``: the student's perplexity and accuracy and the active loss parts
+    from the gathered per-sequence statistics, plus what the user's function returns."""
+
+    def compute(prediction: EvalPrediction) -> dict:
+        stats = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1, len(EVAL_STATS))
+        column = dict(zip(EVAL_STATS, stats.T))
+        tokens = float(column["tokens"].sum())
+        metrics: dict = {name: float(column[name].mean()) for name in distiller.active_parts}
+        if tokens > 0:
+            nll = float(column["nll"].sum()) / tokens
+            metrics["perplexity"] = math.exp(nll) if nll < 700 else math.inf
+            metrics["accuracy"] = float(column["correct"].sum()) / tokens
+        metrics["tokens"] = int(tokens)
+        if user is not None:
+            metrics.update(user(prediction))
+        return metrics
+
+    return compute
