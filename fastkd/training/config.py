@@ -1,4 +1,7 @@
-"""``DistillConfig``: every knob of a distillation run, loadable from YAML or JSON."""
+"""``DistillConfig``: every knob of the distillation loss, loadable from YAML or JSON; and
+``RunArguments``: what a ``fastkd distill`` run reads (models, data, LoRA). Both are plain
+dataclasses, so the command line (``transformers.HfArgumentParser``, docs/design.md §10) makes
+every field a flag and a key of a ``--config`` file."""
 
 from __future__ import annotations
 
@@ -6,10 +9,17 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from fastkd._options import LossOptions
+from fastkd._options import Divergence, LossOptions, VocabMode
 
+LayerMode = Literal["auto", "all", "key", "late"]
 LAYER_MODES = ("auto", "all", "key", "late")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
@@ -18,50 +28,80 @@ class DistillConfig:
 
     Loss: ``alpha * CE + (1 - alpha) * T^2 * D(teacher || student)`` per token (``alpha`` is the
     hard-label CE weight, as everywhere in fastkd), plus ``feature_weight`` times the feature
-    loss and ``attention_weight`` times the attention loss.
-
-    Attributes:
-        temperature, alpha, divergence, beta, skew: the response-KD loss (see ``fastkd.kd_loss``).
-        backend, chunk_size, memory_budget: where and in what pieces the fused loss runs.
-        vocab: ``truncate`` or ``pad`` when teacher and student vocabularies differ.
-        feature_weight: weight of the hidden-state loss (0 = off).
-        feature_loss: ``mse`` or ``cosine`` between projected student and teacher states.
-        feature_layers: student layers (1 = first block's output): ``auto`` (``feature_num_layers``
-            evenly spaced, ending at the last), ``all``, ``key`` (first, middle, last), ``late``
-            (the last ``feature_num_layers``) or an explicit list. Teacher layer of student layer
-            i is round(i * L_teacher / L_student).
-        attention_weight, attention_loss (``kl`` or ``mse`` of head-averaged attention maps),
-            attention_layers, attention_num_layers: the same for attention maps.
-        teacher_weights: one weight per teacher (normalized to sum 1; default equal).
-        multi_teacher: ``logits`` (distil from the weighted mean of the teachers' logits,
-            computed chunk by chunk) or ``losses`` (weighted sum of one KD loss per teacher).
-        self_distillation: ``frozen`` (a frozen copy of the student is the teacher) or ``ema``
-            (an exponential moving average of the student, decay ``ema_decay``).
-        seed: random seed of the run.
+    loss and ``attention_weight`` times the attention loss. Each field's ``help`` metadata says
+    what it does (``fastkd distill --help`` shows them).
     """
 
-    temperature: float = 2.0
-    alpha: float = 0.5
-    divergence: str = "kl"
-    beta: float = 0.5
-    skew: float = 0.1
-    backend: str | None = None
-    chunk_size: int | None = None
-    memory_budget: int | None = None
-    vocab: str | None = None
-    feature_weight: float = 0.0
-    feature_loss: str = "mse"
-    feature_layers: str | list[int] = "auto"
-    feature_num_layers: int = 4
-    attention_weight: float = 0.0
-    attention_loss: str = "kl"
-    attention_layers: str | list[int] = "late"
-    attention_num_layers: int = 1
-    teacher_weights: list[float] | None = field(default=None)
-    multi_teacher: str = "logits"
-    self_distillation: str | None = None
-    ema_decay: float = 0.999
-    seed: int = 0
+    temperature: float = field(default=2.0, metadata=_help("softmax temperature T of the KD term"))
+    alpha: float = field(
+        default=0.5, metadata=_help("weight of the hard-label CE; the KD term gets 1 - alpha")
+    )
+    divergence: Divergence = field(
+        default="kl", metadata=_help("D(teacher || student) of the KD term (see fastkd.kd_loss)")
+    )
+    beta: float = field(default=0.5, metadata=_help("mixture weight of the jsd divergence"))
+    skew: float = field(default=0.1, metadata=_help("skew of skew_kl / skew_reverse_kl"))
+    backend: str | None = field(
+        default=None, metadata=_help("kernel backend of the fused loss (default: per device)")
+    )
+    chunk_size: int | None = field(
+        default=None, metadata=_help("rows per chunk of the fused loss (default: from memory)")
+    )
+    memory_budget: int | None = field(
+        default=None, metadata=_help("bytes of logits one chunk may hold (default: automatic)")
+    )
+    vocab: VocabMode | None = field(
+        default=None,
+        metadata=_help(
+            "when teacher and student vocabularies differ: truncate (compare the shared "
+            "prefix) or pad (missing teacher entries are -inf)"
+        ),
+    )
+    feature_weight: float = field(
+        default=0.0, metadata=_help("weight of the hidden-state loss (0 = off)")
+    )
+    feature_loss: Literal["mse", "cosine"] = field(
+        default="mse", metadata=_help("between projected student and teacher hidden states")
+    )
+    feature_layers: LayerMode | list[int] = field(
+        default="auto",
+        metadata=_help(
+            "student layers (1 = first block's output): auto (feature_num_layers evenly "
+            "spaced, ending at the last), all, key (first, middle, last), late (the last "
+            "feature_num_layers) or layer numbers; teacher layer of student layer i is "
+            "round(i * L_teacher / L_student)"
+        ),
+    )
+    feature_num_layers: int = field(default=4, metadata=_help("layers of auto and late"))
+    attention_weight: float = field(
+        default=0.0, metadata=_help("weight of the attention-map loss (0 = off)")
+    )
+    attention_loss: Literal["kl", "mse"] = field(
+        default="kl", metadata=_help("between head-averaged attention maps")
+    )
+    attention_layers: LayerMode | list[int] = field(
+        default="late", metadata=_help("as feature_layers, for attention maps")
+    )
+    attention_num_layers: int = field(default=1, metadata=_help("layers of auto and late"))
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata=_help("one weight per teacher, in teacher order (normalized; default equal)"),
+    )
+    multi_teacher: Literal["logits", "losses"] = field(
+        default="logits",
+        metadata=_help(
+            "logits: distil from the weighted mean of the teachers' logits; losses: weighted "
+            "sum of one KD loss per teacher"
+        ),
+    )
+    self_distillation: Literal["frozen", "ema"] | None = field(
+        default=None,
+        metadata=_help(
+            "no teacher: a frozen copy of the student, or an exponential moving average of it"
+        ),
+    )
+    ema_decay: float = field(default=0.999, metadata=_help("decay of self_distillation=ema"))
+    seed: int = field(default=0, metadata=_help("random seed of the run"))
 
     def __post_init__(self) -> None:
         LossOptions(
@@ -72,6 +112,14 @@ class DistillConfig:
             skew=self.skew,
             vocab=self.vocab,
         )
+        if self.backend is not None:
+            from fastkd.backends import check_backend_name
+
+            check_backend_name(self.backend)
+        for name in ("chunk_size", "memory_budget"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value, 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
         for name in ("feature_weight", "attention_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -85,16 +133,15 @@ class DistillConfig:
             if isinstance(value, str):
                 _choice(name, value, LAYER_MODES)
             elif not (
-                isinstance(value, (list, tuple))
-                and value
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+                isinstance(value, (list, tuple)) and value and all(_is_int(i, 1) for i in value)
             ):
                 raise ValueError(
-                    f"{name} must be one of {LAYER_MODES} or a list of ints, got {value!r}"
+                    f"{name} must be one of {LAYER_MODES} or a list of layer numbers >= 1, "
+                    f"got {value!r}"
                 )
         for name, low in (("feature_num_layers", 1), ("attention_num_layers", 1), ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not _is_int(value, low):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.teacher_weights is not None:
             w = self.teacher_weights
@@ -109,19 +156,7 @@ class DistillConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> DistillConfig:
         """Load from ``.yaml``/``.yml`` or ``.json``; unknown keys are an error."""
-        path = Path(path)
-        if path.suffix not in (".yaml", ".yml", ".json"):
-            raise ValueError(f"config file must be .yaml, .yml or .json, got {path}")
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_settings(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> DistillConfig:
@@ -138,6 +173,129 @@ class DistillConfig:
         """A copy with some settings changed (validated again); ``None`` values are ignored,
         so command-line flags that were not given leave the file's settings alone."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class RunArguments:
+    """The models, data and adapters of a ``fastkd distill`` run (the command line's third
+    group, beside ``DistillConfig`` and ``transformers.TrainingArguments``). Values are checked
+    here; paths are checked by ``fastkd.training.run.check_run`` before any model loads."""
+
+    teacher: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "teacher model directory; repeat the flag or give several for several "
+            "teachers (none with self_distillation)",
+            "action": "extend",
+            "metavar": "DIR",
+        },
+    )
+    student: str | None = field(
+        default=None,
+        metadata={
+            "help": "student model directory, or a model config (.json file or a directory "
+            "with only config.json) to start from scratch (required)",
+            "metavar": "DIR_OR_CONFIG",
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": ".txt or .jsonl training text, or a directory of them (required)",
+            "metavar": "PATH",
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "tokenizer directory that packs the data (default: the student's, else "
+            "the first teacher's)",
+            "metavar": "DIR",
+        },
+    )
+    block_size: int = field(default=128, metadata=_help("tokens per packed sequence"))
+    eval_fraction: float = field(
+        default=0.05,
+        metadata=_help(
+            "share of the packed blocks held out for evaluation, drawn with --seed "
+            "(fastkd eval --eval_fraction F --seed S evaluates the same blocks)"
+        ),
+    )
+    allow_tokenizer_mismatch: bool = field(
+        default=False,
+        metadata=_help(
+            "accept teacher, student and --tokenizer tokenizers that differ (vocabulary or the "
+            "encoding of a sample of the data): token ids are then taken as the same tokens; "
+            "vocabulary sizes that differ still need --vocab"
+        ),
+    )
+    lora_r: int | None = field(
+        default=None, metadata=_help("train a LoRA adapter of this rank instead of the student")
+    )
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator"))
+    lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input"))
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "module names that get adapters, or all-linear (default: peft's choice for the "
+            "model type)"
+        ),
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata=_help(
+            "save the student with the LoRA adapter merged into its weights (default: the "
+            "adapter alone, in peft's format)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.block_size, 2):
+            raise ValueError(f"block_size must be an int >= 2, got {self.block_size!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if self.lora_r is None:
+            for name in ("lora_target_modules", "merge_adapters"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} needs lora_r (a LoRA run)")
+            return
+        if not _is_int(self.lora_r, 1):
+            raise ValueError(f"lora_r must be an int >= 1, got {self.lora_r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module")
+
+
+def load_settings(path: str | Path) -> dict:
+    """The mapping of settings in a ``.yaml``/``.yml`` or ``.json`` file."""
+    path = Path(path)
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise ValueError(f"config file must be .yaml, .yml or .json, got {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such config file: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from e
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
