@@ -18,6 +18,8 @@ import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -160,6 +162,37 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a directory holds tokenizer files (``load_tokenizer`` would try it)."""
+    return any((Path(path) / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def tokenizer_difference(
+    a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, sample: str
+) -> str | None:
+    """How two tokenizers disagree on what the shared token ids mean, or None.
+
+    They agree when every id below the smaller of the two sizes is the same token in both,
+    both end records with the same eos id, and both encode ``sample`` to the same ids. A
+    difference in size alone is not a disagreement (a model's vocabulary may be padded; the
+    distillation loss handles it with ``DistillConfig.vocab``).
+    """
+    common = min(len(a), len(b))
+    tokens_a, tokens_b = ({i: t for t, i in tok.get_vocab().items()} for tok in (a, b))
+    for i in range(common):
+        if tokens_a.get(i) != tokens_b.get(i):
+            return f"id {i} is {tokens_a.get(i)!r} in one and {tokens_b.get(i)!r} in the other"
+    if a.eos_token_id != b.eos_token_id:
+        return f"eos ids {a.eos_token_id} and {b.eos_token_id}"
+    encode = {"add_special_tokens": False, "verbose": False}
+    ids_a, ids_b = a(sample, **encode)["input_ids"], b(sample, **encode)["input_ids"]
+    if ids_a != ids_b:
+        shorter = min(len(ids_a), len(ids_b))
+        at = next((k for k, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), shorter)
+        return f"a sample of the data encodes differently from token {at} on"
+    return None
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 style) with the ``tokenizers`` library.
 
@@ -226,29 +259,43 @@ def pack(
     if eos is None:
         raise ValueError("the tokenizer has no eos token; packing needs one")
     records = [_check_record(r, f"record {i}") for i, r in enumerate(records)]
-    # One batched call over every piece: the fast tokenizer encodes them in parallel.
-    pieces = [text for r in records for text in r.values()]
-    encoded = (
-        tokenizer(
-            pieces,
-            add_special_tokens=False,
-            return_attention_mask=False,
-            verbose=False,  # long records are expected here; they are cut into blocks below
-        )["input_ids"]
-        if pieces
-        else []  # the tokenizer rejects an empty batch
+    # datasets holds the tokens in Arrow tables, 4 bytes a token instead of a Python int's 28+,
+    # and tokenizes in batches (the fast tokenizer encodes each batch in parallel). A text record
+    # is a record whose prompt is empty.
+    table = datasets.Dataset.from_dict(
+        {
+            "prompt": [r.get("prompt", "") for r in records],
+            "target": [r.get("text", r.get("response")) for r in records],
+        }
     )
-    ids: list[int] = []
-    labels: list[int] = []
-    tokens = iter(encoded)
-    for record in records:
-        if "prompt" in record:
-            prompt = next(tokens)
-            ids += prompt
-            labels += [IGNORE_INDEX] * len(prompt)
-        target = [*next(tokens), eos]
-        ids += target
-        labels += target
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        prompts, targets = (
+            tokenizer(
+                batch[name],
+                add_special_tokens=False,
+                return_attention_mask=False,
+                verbose=False,  # long records are expected here; they are cut into blocks below
+            )["input_ids"]
+            for name in ("prompt", "target")
+        )
+        return {
+            "input_ids": [p + t + [eos] for p, t in zip(prompts, targets)],
+            "labels": [[IGNORE_INDEX] * len(p) + t + [eos] for p, t in zip(prompts, targets)],
+        }
+
+    tokens = table.map(
+        tokenize,
+        batched=True,
+        remove_columns=["prompt", "target"],
+        features=datasets.Features(
+            {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "labels")}
+        ),
+        keep_in_memory=True,
+        new_fingerprint="fastkd-pack",  # in memory, never cached: no need to hash the tokenizer
+        desc="tokenizing",
+    )
+    ids, labels = (_flat(tokens, name) for name in ("input_ids", "labels"))
     num_blocks = len(ids) // block_size
     if num_blocks == 0:
         raise ValueError(
@@ -258,8 +305,17 @@ def pack(
     n = num_blocks * block_size
     shape = (num_blocks, block_size)
     return (
-        torch.tensor(ids[:n], dtype=torch.int64).view(shape),
-        torch.tensor(labels[:n], dtype=torch.int64).view(shape),
+        torch.from_numpy(ids[:n]).to(torch.int64).view(shape),
+        torch.from_numpy(labels[:n]).to(torch.int64).view(shape),
+    )
+
+
+def _flat(tokens: datasets.Dataset, column: str) -> np.ndarray:
+    """One list column of a dataset, every row's values in row order."""
+    if len(tokens) == 0:  # no records: map leaves an empty table without the columns
+        return np.zeros(0, dtype=np.int32)
+    return np.concatenate(
+        [chunk.flatten().to_numpy() for chunk in tokens.data.column(column).chunks]
     )
 
 
@@ -322,6 +378,20 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
 
 
+def held_out_split(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    eval_fraction: float,
+    seed: int,
+) -> tuple[BlockDataset, BlockDataset]:
+    """``pack`` -> ``split_blocks``: the training and held-out blocks of ``fastkd distill``;
+    ``fastkd eval`` with the same records, tokenizer, block size, fraction and seed gets the
+    same held-out blocks."""
+    train, held_out = split_blocks(*pack(records, tokenizer, block_size), eval_fraction, seed)
+    return BlockDataset(*train), BlockDataset(*held_out)
+
+
 def load_dataset(
     path: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase,
@@ -329,14 +399,12 @@ def load_dataset(
     eval_fraction: float = 0.05,
     seed: int = 0,
 ) -> tuple[BlockDataset, BlockDataset]:
-    """Read, pack and split: ``read_records`` -> ``pack`` -> ``split_blocks``.
+    """``read_records`` -> ``held_out_split``.
 
     Returns:
         ``(train, eval)`` datasets of packed blocks.
     """
-    input_ids, labels = pack(read_records(path), tokenizer, block_size)
-    train, held_out = split_blocks(input_ids, labels, eval_fraction, seed)
-    return BlockDataset(*train), BlockDataset(*held_out)
+    return held_out_split(read_records(path), tokenizer, block_size, eval_fraction, seed)
 
 
 def _stdlib_sources(root: Path) -> Iterable[Path]:
