@@ -21,7 +21,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from fastkd.training import evaluate as evaluate_module
+from fastkd.training import models as models_module
 from fastkd.training.data import BlockDataset
 from fastkd.training.evaluate import evaluate
 
@@ -149,7 +149,7 @@ def test_batches_are_token_weighted_and_chunked(monkeypatch):
     dataset = make_dataset(n=7)
     whole = evaluate(model, dataset, batch_size=7)
     # 3 rows per logits chunk and a ragged last batch must not change anything.
-    monkeypatch.setattr(evaluate_module, "CHUNK_ELEMENTS", 3 * VOCAB)
+    monkeypatch.setattr(models_module, "CHUNK_ELEMENTS", 3 * VOCAB)
     split = evaluate(model, dataset, batch_size=2)
     assert split["tokens"] == whole["tokens"]
     assert split["loss"] == pytest.approx(whole["loss"], abs=1e-6)
@@ -228,7 +228,9 @@ def test_accuracy_and_loss_by_hand():
 def test_unknown_logit_transform_is_caught():
     model = make_model("cohere")
     model.config.logit_scale = None  # the forward still scales: evaluate would be wrong
-    with pytest.raises(ValueError, match=r"CohereForCausalLM: logits from base_model .* differ"):
+    with pytest.raises(
+        ValueError, match=r"CohereForCausalLM \(model_type .cohere.\): logits .* differ"
+    ):
         evaluate(model, make_dataset())
 
 

@@ -1,8 +1,10 @@
 """``Distiller``: the loss of teacher-student training for Hugging Face causal LMs.
 
-It runs each model's body (``model.base_model``) for hidden states and takes the head from
-``get_output_embeddings()``, then calls the fused linear KD loss, so neither model's [N, V]
-logits are ever materialized, and no architecture needs patching.
+It runs each model's body (``model.base_model``; for a peft model, that of the causal LM it
+wraps) for hidden states and takes the head from ``get_output_embeddings()`` (a LoRA-adapted
+head included), then calls the fused linear KD loss, so neither model's [N, V] logits are ever
+materialized, and no architecture needs patching. A probe at construction checks that body and
+head reproduce each model's own logits (``fastkd.training.models.check_head``).
 """
 
 from __future__ import annotations
@@ -20,23 +22,45 @@ from torch import nn
 from fastkd.fused_linear_kd_loss import fused_linear_kd_loss
 from fastkd.reference import _plog_ratio
 from fastkd.training.config import DistillConfig
-from fastkd.training.models import logit_options
+from fastkd.training.fsdp import full_weights, is_sharded
+from fastkd.training.models import (
+    IGNORE_INDEX,
+    Head,
+    RouterLoss,
+    body,
+    causal_lm,
+    check_head,
+    describe,
+    is_peft,
+)
 
 PROJECTIONS_FILE = "fastkd_projections.safetensors"
 EMA_TEACHER_FILE = "fastkd_ema_teacher.safetensors"
 CONFIG_FILE = "fastkd_distill_config.json"
-DISTILL_PARTS = ("kd", "ce", "feature", "attention")
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's name for the adapter weights
+DISTILL_PARTS = ("kd", "ce", "feature", "attention", "aux")
 
 
 class DistillOutput(NamedTuple):
-    """Total loss and its parts; ``loss = kd + ce + feature + attention``. The parts are
-    detached (for logging) and already weighted."""
+    """Total loss, its parts and evaluation statistics.
+
+    ``loss = kd + ce + feature + attention + aux``; the parts are detached (for logging) and
+    already weighted; ``aux`` is an MoE student's router load-balancing loss (zero otherwise).
+    In eval mode (``not distiller.training``) ``nll`` is the sum over target tokens of the
+    student's unweighted hard-label cross-entropy (T = 1, fp64), ``correct`` the number of
+    targets that are the student's argmax and ``tokens`` the number of targets (int64); they are
+    zeros in training. Perplexity = exp(nll / tokens), accuracy = correct / tokens.
+    """
 
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
     feature: torch.Tensor
     attention: torch.Tensor
+    aux: torch.Tensor
+    nll: torch.Tensor
+    correct: torch.Tensor
+    tokens: torch.Tensor
 
 
 def select_layers(mode: str | list[int], num_layers: int, k: int) -> list[int]:
@@ -78,10 +102,17 @@ class Distiller(nn.Module):
     (``attention_mask == 0``) never counts. Teachers run in eval mode under no_grad, on their
     own device and dtype. The student and the feature projections (created when widths differ)
     are submodules; the teachers are not, so optimizers, DDP and checkpoints see only what
-    is trained.
+    is trained. Only parameters that require grad are trained: with a peft (LoRA) student, the
+    adapters.
+
+    An MoE student with ``config.output_router_logits`` set adds its router load-balancing
+    loss (``aux``) as its own forward does. At construction a probe (a few tokens per model)
+    checks that body + head reproduce ``model(...).logits`` for the student and every teacher,
+    and that the router loss equals the student's own; a mismatch is a ValueError naming the
+    model type.
 
     Args:
-        student: a transformers causal LM.
+        student: a transformers causal LM, or a ``peft`` model wrapping one.
         teachers: one causal LM or a list (``config.teacher_weights`` weighs them); ``None``
             with ``config.self_distillation`` set.
         config: a ``DistillConfig``.
@@ -114,6 +145,11 @@ class Distiller(nn.Module):
         total = float(sum(weights))
         self.teacher_weights = [float(w) / total for w in weights]
         self._check_logit_mixing()
+        for model in (student, *teachers):
+            check_head(model)
+        self.router_loss = RouterLoss.of(student)
+        if self.router_loss is not None:
+            self.router_loss.check(student)
 
         self.attention = cfg.attention_weight > 0
         if self.attention:
@@ -149,6 +185,7 @@ class Distiller(nn.Module):
             "ce": cfg.alpha > 0,
             "feature": bool(self.feature_layers),
             "attention": self.attention,
+            "aux": self.router_loss is not None,
         }
         return tuple(name for name in DISTILL_PARTS if on[name])
 
@@ -159,17 +196,62 @@ class Distiller(nn.Module):
 
     def _check_logit_mixing(self) -> None:
         if len(self.teachers) > 1 and self.distill_config.multi_teacher == "logits":
-            if any(logit_options(t)[1] for t in self.teachers):
+            if any(Head(t).softcap for t in self.teachers):
                 raise ValueError(
                     "multi_teacher='logits' mixes raw logits and cannot apply a teacher's final "
                     "softcap; use multi_teacher='losses'"
                 )
-            vocabs = {t.get_output_embeddings().weight.shape[0] for t in self.teachers}
+            vocabs = {Head(t).vocab_size for t in self.teachers}
             if len(vocabs) > 1:
                 raise ValueError(
                     "multi_teacher='logits' needs teachers with one vocabulary, got "
                     f"{sorted(vocabs)}"
                 )
+
+    # --- gradient checkpointing (the Trainer's hooks, delegated to the student) ------------
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Recompute the student's layers in backward (transformers' activation checkpointing;
+        it also makes the embeddings' output require grad, which a peft student with reentrant
+        checkpointing needs). Teachers run under no_grad and keep no activations anyway."""
+        self._checkpointing_target().activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+            every_n_layers=every_n_layers,
+            offload=offload,
+        )
+
+    def activation_checkpointing_disable(self) -> None:
+        self._checkpointing_target().activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs
+    ) -> None:
+        """transformers' older name of ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return bool(getattr(causal_lm(self.student), "supports_gradient_checkpointing", False))
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.student.modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def _checkpointing_target(self) -> nn.Module:
+        lm = causal_lm(self.student)
+        if not self.supports_gradient_checkpointing:
+            raise ValueError(f"the student, {describe(lm)}, does not support checkpointing")
+        return lm
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -183,27 +265,37 @@ class Distiller(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         labels = input_ids if labels is None else labels
-        labels = labels.masked_fill(attention_mask == 0, -100)
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         features = bool(self.feature_layers)
-        out = self.student.base_model(
+        # The router logits are recorded only when asked for (a model-specific keyword).
+        router = {} if self.router_loss is None else {"output_router_logits": True}
+        out = body(self.student)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=features,
             output_attentions=self.attention,
+            use_cache=False,
+            **router,
         )
         hidden = out.last_hidden_state
         with torch.no_grad():
             t_outs = [
-                t.base_model(
+                body(t)(
                     input_ids=input_ids.to(_device(t)),
                     attention_mask=attention_mask.to(_device(t)),
                     output_hidden_states=features,
                     output_attentions=self.attention,
+                    use_cache=False,
                 )
                 for t in self.teachers
             ]
 
-        kd, ce = self._response_loss(hidden, t_outs, labels)
+        s_head = Head(self.student)
+        t_heads = [Head(t) for t in self.teachers]
+        # A head that FSDP2 shards is gathered for the fused loss (docs/design.md §10).
+        with full_weights(s_head.module, *(h.module for h in t_heads)):
+            kd, ce = self._response_loss(s_head, t_heads, hidden, t_outs, labels)
+            stats = self._statistics(s_head, hidden, labels)
         zero = hidden.new_zeros((), dtype=torch.float32)
         feature = zero
         if features:
@@ -211,36 +303,42 @@ class Distiller(nn.Module):
         attention = zero
         if self.attention:
             attention = cfg.attention_weight * self._attention_loss(out, t_outs, attention_mask)
-        loss = kd + ce + feature + attention
-        return DistillOutput(loss, kd.detach(), ce, feature.detach(), attention.detach())
+        aux = zero
+        if self.router_loss is not None:
+            aux = self.router_loss(out.router_logits, attention_mask).to(zero.device)
+        loss = kd + ce + feature + attention + aux
+        parts = (kd, ce, feature, attention, aux)
+        return DistillOutput(loss, *(p.detach() for p in parts), *stats)
 
-    def _student_head(self, dtype: torch.dtype):
-        head = self.student.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        # Under autocast the hidden states come in a lower precision than the (fp32) head:
-        # cast the head, differentiably, so the fused GEMMs run in that precision.
-        return head.weight.to(dtype), None if bias is None else bias.to(dtype)
+    def _statistics(self, head: Head, hidden: torch.Tensor, labels: torch.Tensor):
+        """(nll, correct, tokens) of the student in eval mode; zeros in training."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if self.training:
+            nll = torch.zeros((), dtype=torch.float64, device=hidden.device)
+            correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+            return nll, correct, torch.zeros_like(correct)
+        nll, correct = head.statistics(hidden.detach()[:, :-1][keep], targets[keep])
+        return nll, correct, keep.sum().to(correct.device)
 
-    def _teacher_head(self, k: int, device: torch.device, dtype: torch.dtype):
-        """Teacher k's head on the student's device in ``dtype``. Cached for frozen teachers;
-        an EMA teacher changes every step and is read afresh."""
-        teacher = self.teachers[k]
-        head = teacher.get_output_embeddings()
+    def _teacher_head(self, k: int, head: Head, device: torch.device, dtype: torch.dtype):
+        """Teacher k's head (weight, bias) on the student's device in ``dtype``. Cached for
+        frozen teachers; an EMA teacher changes every step and an FSDP-sharded head holds its
+        full weights only inside ``full_weights``, so those are read afresh."""
         key = (k, device, dtype)
-        if self.distill_config.self_distillation != "ema" and key in self._head_cache:
+        cache = self.distill_config.self_distillation != "ema" and not is_sharded(head.module)
+        if cache and key in self._head_cache:
             return self._head_cache[key]
-        bias = getattr(head, "bias", None)
-        value = (
-            head.weight.detach().to(device=device, dtype=dtype),
-            None if bias is None else bias.detach().to(device=device, dtype=dtype),
-        )
-        if self.distill_config.self_distillation != "ema":
+        with torch.no_grad():
+            weight = head.weight().to(device=device, dtype=dtype)
+            bias = head.bias()
+            value = (weight, None if bias is None else bias.to(device=device, dtype=dtype))
+        if cache:
             self._head_cache[key] = value
         return value
 
-    def _loss_kwargs(self) -> dict:
+    def _loss_kwargs(self, s_head: Head) -> dict:
         cfg = self.distill_config
-        scale, cap = logit_options(self.student)
         return dict(
             temperature=cfg.temperature,
             divergence=cfg.divergence,
@@ -250,18 +348,24 @@ class Distiller(nn.Module):
             backend=cfg.backend,
             chunk_size=cfg.chunk_size,
             memory_budget=cfg.memory_budget,
-            student_logit_scale=scale,
-            student_softcap=cap,
+            student_logit_scale=s_head.scale,
+            student_softcap=s_head.softcap or None,
             shift_labels=True,
             return_parts=True,
         )
 
-    def _response_loss(self, hidden, t_outs, labels):
+    def _response_loss(self, s_head: Head, t_heads: list[Head], hidden, t_outs, labels):
         """(kd, ce) contributions; kd carries the gradient of both."""
         cfg = self.distill_config
-        w_s, b_s = self._student_head(hidden.dtype)
-        kwargs = self._loss_kwargs()
-        t_hidden = [o.last_hidden_state.to(hidden.device) for o in t_outs]
+        # Under autocast the hidden states come in a lower precision than the (fp32) head:
+        # cast the head, differentiably, so the fused GEMMs run in that precision.
+        w_s, b_s = s_head.weight(hidden.dtype), s_head.bias(hidden.dtype)
+        h_s = s_head.inputs(hidden)
+        kwargs = self._loss_kwargs(s_head)
+        with torch.no_grad():
+            t_hidden = [
+                h.inputs(o.last_hidden_state).to(hidden.device) for h, o in zip(t_heads, t_outs)
+            ]
         if len({h.dtype for h in t_hidden}) > 1:  # teachers in different precisions
             t_hidden = [h.float() for h in t_hidden]
         if len(self.teachers) == 1 or cfg.multi_teacher == "logits":
@@ -269,21 +373,21 @@ class Distiller(nn.Module):
             # states (each scaled by its weight) and the concatenated heads.
             ht, wt, bt = [], [], []
             for k, (h, lam) in enumerate(zip(t_hidden, self.teacher_weights)):
-                w, b = self._teacher_head(k, hidden.device, h.dtype)
-                scale, cap = logit_options(self.teachers[k])
+                w, b = self._teacher_head(k, t_heads[k], hidden.device, h.dtype)
+                scale = t_heads[k].scale
                 ht.append(h * (lam * scale))
                 wt.append(w)
                 if b is not None:
                     bt.append(b * (lam * scale))
             parts = fused_linear_kd_loss(
-                hidden,
+                h_s,
                 w_s,
                 labels,
                 student_bias=b_s,
                 teacher_hidden=torch.cat(ht, -1),
                 teacher_weight=torch.cat(wt, -1),
                 teacher_bias=sum(bt) if bt else None,
-                teacher_softcap=logit_options(self.teachers[0])[1] if len(ht) == 1 else None,
+                teacher_softcap=(t_heads[0].softcap or None) if len(ht) == 1 else None,
                 alpha=cfg.alpha,
                 **kwargs,
             )
@@ -291,18 +395,17 @@ class Distiller(nn.Module):
         # Weighted sum of one KD loss per teacher; the CE term is counted once.
         total, ce = 0.0, None
         for k, (h, lam) in enumerate(zip(t_hidden, self.teacher_weights)):
-            w, b = self._teacher_head(k, hidden.device, h.dtype)
-            scale, cap = logit_options(self.teachers[k])
+            w, b = self._teacher_head(k, t_heads[k], hidden.device, h.dtype)
             parts = fused_linear_kd_loss(
-                hidden,
+                h_s,
                 w_s,
                 labels,
                 student_bias=b_s,
                 teacher_hidden=h,
                 teacher_weight=w,
                 teacher_bias=b,
-                teacher_logit_scale=scale,
-                teacher_softcap=cap,
+                teacher_logit_scale=t_heads[k].scale,
+                teacher_softcap=t_heads[k].softcap or None,
                 kd_weight=(1.0 - cfg.alpha) * lam,
                 ce_weight=cfg.alpha if k == 0 else 0.0,
                 **kwargs,
@@ -367,21 +470,54 @@ class Distiller(nn.Module):
 
     # --- saving ----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, tokenizer=None, state_dict=None) -> None:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        tokenizer=None,
+        state_dict: dict | None = None,
+        merge: bool = False,
+    ) -> None:
         """The student with ``save_pretrained`` (a directory ``from_pretrained`` loads), the
-        feature projections, the EMA teacher when there is one, the config and the tokenizer."""
+        feature projections, the EMA teacher when there is one, the config and the tokenizer.
+
+        A peft student writes its adapter (peft's format: ``PeftModel.from_pretrained(base,
+        directory)`` loads it) unless ``merge``: then a copy of it has the adapters merged into
+        the base weights (``merge_and_unload``) and is saved as a plain causal LM, while the
+        training model is left as it is. The copy costs the student's memory once more.
+
+        Args:
+            directory: created if missing.
+            tokenizer: saved beside the student when given.
+            state_dict: a gathered (FSDP/DeepSpeed) state of this module, saved instead of
+                the student's own parameters.
+            merge: merge a peft student's adapters (needs the student's own parameters).
+        """
         from safetensors.torch import save_file
 
+        peft = is_peft(self.student)
+        if merge and not peft:
+            raise ValueError(
+                f"merge=True merges LoRA adapters; the student, "
+                f"{describe(self.student)}, is not a peft model"
+            )
+        if merge and state_dict is not None:
+            raise ValueError(
+                "merge=True with a gathered state_dict (FSDP/DeepSpeed) is not supported: save "
+                "the adapter and merge it with peft's merge_and_unload after training"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         student_state = None
-        if state_dict is not None:  # a gathered (FSDP/DeepSpeed) state of this module
+        if state_dict is not None:
             student_state = {
                 k.removeprefix("student."): v
                 for k, v in state_dict.items()
                 if k.startswith("student.")
             }
-        self.student.save_pretrained(directory, state_dict=student_state)
+        if merge:
+            copy.deepcopy(self.student).merge_and_unload().save_pretrained(directory)
+        else:
+            self.student.save_pretrained(directory, state_dict=student_state)
         if len(self.projections):
             save_file(_contiguous(self.projections.state_dict()), str(directory / PROJECTIONS_FILE))
         if self.distill_config.self_distillation == "ema":
@@ -391,28 +527,52 @@ class Distiller(nn.Module):
             tokenizer.save_pretrained(directory)
 
     def load_weights(self, directory: str | Path) -> None:
-        """Load what ``save_pretrained`` wrote (resuming from a checkpoint)."""
+        """Load what ``save_pretrained`` wrote (resuming from a checkpoint): a peft student's
+        adapter, or a plain student's weights. A merged save cannot resume a peft student (its
+        adapter is no longer separate)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        files = sorted(directory.glob("model*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no model*.safetensors in {directory}")
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        result = self.student.load_state_dict(state, strict=False)
-        tied = set(getattr(self.student, "all_tied_weights_keys", {}) or {})
-        missing = [k for k in result.missing_keys if k not in tied]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"{directory}: student weights do not match (missing {missing}, "
-                f"unexpected {result.unexpected_keys})"
-            )
+        if is_peft(self.student):
+            self._load_adapter(directory)
+        else:
+            files = sorted(directory.glob("model*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no model*.safetensors in {directory}")
+            state = {}
+            for f in files:
+                state.update(load_file(str(f)))
+            result = self.student.load_state_dict(state, strict=False)
+            tied = set(getattr(self.student, "all_tied_weights_keys", {}) or {})
+            missing = [k for k in result.missing_keys if k not in tied]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(
+                    f"{directory}: student weights do not match (missing {missing}, "
+                    f"unexpected {result.unexpected_keys})"
+                )
         if len(self.projections):
             self.projections.load_state_dict(load_file(str(directory / PROJECTIONS_FILE)))
         if self.distill_config.self_distillation == "ema":
             self.teachers[0].load_state_dict(load_file(str(directory / EMA_TEACHER_FILE)))
+
+    def _load_adapter(self, directory: Path) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        if not (directory / ADAPTER_FILE).is_file():
+            raise FileNotFoundError(
+                f"no {ADAPTER_FILE} in {directory}: a peft student resumes from an adapter "
+                "checkpoint (a merged save holds no separate adapter)"
+            )
+        name = self.student.active_adapter
+        weights = load_peft_weights(str(directory), device=str(_device(self.student)))
+        expected = set(get_peft_model_state_dict(self.student, adapter_name=name))
+        if set(weights) != expected:
+            raise RuntimeError(
+                f"{directory}: adapter weights do not match the student's (missing "
+                f"{sorted(expected - set(weights))}, unexpected {sorted(set(weights) - expected)})"
+            )
+        set_peft_model_state_dict(self.student, weights, adapter_name=name)
 
 
 def _device(model: nn.Module) -> torch.device:
