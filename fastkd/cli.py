@@ -1,5 +1,12 @@
 """Command line: ``fastkd demo | distill | eval | bench | check-gpu`` (also
-``python -m fastkd ...``)."""
+``python -m fastkd ...``).
+
+The top-level parser only names the commands, so ``fastkd --help`` imports neither torch nor
+transformers; a command's parser is built when that command is chosen. ``distill`` parses with
+``transformers.HfArgumentParser`` over ``RunArguments``, ``DistillConfig`` and
+``TrainingArguments``: every field is a flag and a key of a ``--config`` file (docs/design.md
+§10).
+"""
 
 from __future__ import annotations
 
@@ -8,43 +15,90 @@ import json
 import sys
 from pathlib import Path
 
+COMMANDS = {
+    "demo": "train a tiny teacher, distil a student, compare",
+    "distill": "distil teacher model(s) into a student",
+    "eval": "perplexity and next-token accuracy of a model",
+    "bench": "benchmark the losses against eager, compile, peers",
+    "check-gpu": "on a CUDA machine: build, correctness suite, memcheck, benchmark (< 25 min)",
+}
 
-def _demo(args: argparse.Namespace) -> None:
+# fastkd's defaults for the TrainingArguments that every run sets (transformers' defaults are
+# for epochs of a large dataset); the rest of fastkd's choices are in
+# fastkd.training.run.training_arguments.
+TRAINING_DEFAULTS = {
+    "max_steps": 100,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-3,
+    "seed": 0,
+    "logging_steps": 10,
+}
+# DistillConfig fields typed "mode name or list of layer numbers".
+LAYER_FIELDS = ("feature_layers", "attention_layers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: a command and its arguments (parsed by the command's parser)."""
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="fastkd",
+        description="Fused knowledge distillation for large-vocabulary language models.",
+        epilog=f"commands:\n{listing}\n\n`fastkd COMMAND --help` lists the flags of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")
+    return parser
+
+
+# --- demo, eval, bench, check-gpu ------------------------------------------------------------
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastkd demo", description=COMMANDS["demo"])
+    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _demo(argv: list[str]) -> None:
+    args = demo_parser().parse_args(argv)
     from fastkd.training.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 
-def _distill(args: argparse.Namespace) -> None:
-    from fastkd.training.run import distill
+def eval_parser() -> argparse.ArgumentParser:
+    from fastkd.training.config import DistillConfig, RunArguments
 
-    overrides = {
-        "temperature": args.temperature,
-        "alpha": args.alpha,
-        "divergence": args.divergence,
-        "backend": args.backend,
-        "teacher_weights": args.teacher_weight,
-        "seed": args.seed,
-    }
-    distill(
-        teachers=args.teacher,
-        student=args.student,
-        data=args.data,
-        out=Path(args.out),
-        config_file=args.config,
-        overrides=overrides,
-        tokenizer=args.tokenizer,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        block_size=args.block_size,
-        learning_rate=args.lr,
-        eval_fraction=args.eval_fraction,
-        bf16=args.bf16,
-        resume=args.resume,
+    parser = argparse.ArgumentParser(prog="fastkd eval", description=COMMANDS["eval"])
+    parser.add_argument("--model", required=True, metavar="DIR")
+    parser.add_argument("--data", required=True, metavar="PATH", help=".txt/.jsonl or a directory")
+    parser.add_argument("--block_size", "--block-size", type=int, default=RunArguments.block_size)
+    parser.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=TRAINING_DEFAULTS["per_device_train_batch_size"],
     )
+    parser.add_argument(
+        "--eval_fraction",
+        "--eval-fraction",
+        type=float,
+        default=None,
+        help="evaluate only the blocks that `fastkd distill` with this --eval_fraction and "
+        "--seed held out (default: all)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DistillConfig.seed, help="seed of the held-out split"
+    )
+    return parser
 
 
-def _eval(args: argparse.Namespace) -> None:
+def _eval(argv: list[str]) -> None:
+    args = eval_parser().parse_args(argv)
     from fastkd.training.run import evaluate_model
 
     metrics = evaluate_model(
@@ -53,119 +107,247 @@ def _eval(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         batch_size=args.batch_size,
         eval_fraction=args.eval_fraction,
+        seed=args.seed,
     )
     print(json.dumps(metrics, indent=2))
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from fastkd.bench.run import run
+def _bench(argv: list[str]) -> None:
+    from fastkd.bench.run import add_arguments, run
 
-    run(args)
-
-
-def _check_gpu(args: argparse.Namespace) -> int:
-    from fastkd.check_gpu import run
-
-    return run(args)
+    parser = argparse.ArgumentParser(prog="fastkd bench", description=COMMANDS["bench"])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _check_gpu(argv: list[str]) -> int:
+    from fastkd.check_gpu import add_arguments, run
+
     parser = argparse.ArgumentParser(
-        prog="fastkd",
-        description="Fused knowledge distillation for large-vocabulary language models.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="train a tiny teacher, distil a student, compare")
-    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
-
-    dist = sub.add_parser("distill", help="distil teacher model(s) into a student")
-    dist.add_argument(
-        "--teacher",
-        action="append",
-        required=True,
-        metavar="DIR",
-        help="teacher model directory (repeat for several teachers)",
-    )
-    dist.add_argument(
-        "--student",
-        required=True,
-        metavar="DIR_OR_CONFIG",
-        help="student model directory, or a model config (.json file or a "
-        "directory with only config.json) to start from scratch",
-    )
-    dist.add_argument("--data", required=True, metavar="FILE", help=".txt or .jsonl training text")
-    dist.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    dist.add_argument("--config", metavar="FILE", help="DistillConfig as YAML or JSON")
-    dist.add_argument("--tokenizer", metavar="DIR", help="tokenizer (default: the first teacher's)")
-    dist.add_argument("--max-steps", type=int, default=100)
-    dist.add_argument("--batch-size", type=int, default=8, help="per device")
-    dist.add_argument("--block-size", type=int, default=128, help="tokens per packed sequence")
-    dist.add_argument("--lr", type=float, default=1e-3)
-    dist.add_argument("--eval-fraction", type=float, default=0.05)
-    dist.add_argument("--temperature", type=float)
-    dist.add_argument("--alpha", type=float, help="weight of the hard-label CE (KD gets 1 - alpha)")
-    dist.add_argument("--divergence")
-    dist.add_argument("--backend")
-    dist.add_argument(
-        "--teacher-weight",
-        type=float,
-        action="append",
-        metavar="W",
-        help="weight of each teacher, in --teacher order",
-    )
-    dist.add_argument("--seed", type=int)
-    dist.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    dist.add_argument(
-        "--resume",
-        metavar="CHECKPOINT",
-        nargs="?",
-        const=True,
-        help="resume from a checkpoint (default: the last one in --out)",
-    )
-    dist.set_defaults(func=_distill)
-
-    ev = sub.add_parser("eval", help="perplexity and next-token accuracy of a model")
-    ev.add_argument("--model", required=True, metavar="DIR")
-    ev.add_argument("--data", required=True, metavar="FILE")
-    ev.add_argument("--block-size", type=int, default=128)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=None,
-        help="evaluate only the held-out split that distill uses (default: all)",
-    )
-    ev.set_defaults(func=_eval)
-
-    from fastkd.bench.run import add_arguments
-
-    bench = sub.add_parser("bench", help="benchmark the losses against eager, compile, peers")
-    add_arguments(bench)
-    bench.set_defaults(func=_bench)
-
-    from fastkd.check_gpu import add_arguments as add_check_gpu_arguments
-
-    check = sub.add_parser(
-        "check-gpu",
-        help="on a CUDA machine: build, correctness suite, memcheck, benchmark (< 25 min)",
+        prog="fastkd check-gpu",
         description="On a machine with a CUDA GPU: build the CUDA kernels if needed, run the "
         "correctness suite on CUDA tensors, compute-sanitizer memcheck on a small case, and the "
         "benchmark at real shapes; then say what passed, failed and was skipped. Exits 1 on "
         "any failure, and at once (one line) without a GPU.",
     )
-    add_check_gpu_arguments(check)
-    check.set_defaults(func=_check_gpu)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+# --- distill -------------------------------------------------------------------------------
+
+
+class _ParseError(Exception):
+    """An argparse error, raised instead of exiting so that its source can be named."""
+
+
+def _distill_flags() -> type:
+    """A dataclass with ``DistillConfig``'s fields as the parser should see them: ``seed`` is
+    left to ``TrainingArguments`` (one ``--seed``), layer fields take mode names or numbers
+    (``HfArgumentParser`` keeps one type of a union), backend names are choices."""
+    import dataclasses
+    import typing
+
+    from fastkd.backends import BACKENDS
+    from fastkd.training.config import DistillConfig
+
+    hints = typing.get_type_hints(DistillConfig)
+    specs = []
+    for f in dataclasses.fields(DistillConfig):
+        if f.name == "seed":
+            continue
+        kind, metadata = hints[f.name], dict(f.metadata)
+        if f.name in LAYER_FIELDS:
+            kind = list[str]
+            metadata.update(default=f.default, metavar="MODE_OR_LAYER")
+        elif f.name == "teacher_weights":
+            metadata.update(action="extend", aliases=["--teacher-weight"], metavar="W")
+        elif f.name == "backend":
+            metadata.update(choices=BACKENDS)
+        specs.append((f.name, kind, dataclasses.field(default=f.default, metadata=metadata)))
+    flags = dataclasses.make_dataclass("DistillConfig", specs)
+    flags._argument_group_name = "distillation (fastkd.training.DistillConfig)"
+    return flags
+
+
+def distill_parser():
+    """``HfArgumentParser`` over ``RunArguments``, ``DistillConfig`` and ``TrainingArguments``,
+    with ``--config`` and the short spellings ``--out``, ``--lr``, ``--batch-size``,
+    ``--resume``."""
+    import transformers
+
+    from fastkd.training.config import RunArguments
+
+    class Parser(transformers.HfArgumentParser):
+        def error(self, message: str):
+            raise _ParseError(message)
+
+    parser = Parser(
+        [RunArguments, _distill_flags(), transformers.TrainingArguments],
+        prog="fastkd distill",
+        description=f"{COMMANDS['distill']}. fastkd's training defaults: cosine schedule, "
+        "warm-up over 5% of the steps, weight decay 0.01, the last 2 checkpoints kept (one at "
+        "the end unless --save_steps), the CPU when there is no CUDA device, report_to none, "
+        "the progress bar on.",
+        allow_abbrev=False,  # with ~150 flags a prefix would silently pick one
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON mapping of any flags above by field name (flat); flags given on "
+        "the command line win",
+    )
+    aliases = parser.add_argument_group("short spellings")
+    aliases.add_argument("--out", dest="output_dir", metavar="DIR", help="--output_dir")
+    aliases.add_argument("--lr", dest="learning_rate", type=float, help="--learning_rate")
+    aliases.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="per_device_train_batch_size",
+        type=int,
+        help="--per_device_train_batch_size (the eval batch size follows unless given)",
+    )
+    from fastkd.training.run import RESUME_LAST
+
+    aliases.add_argument(
+        "--resume",
+        dest="resume_from_checkpoint",
+        nargs="?",
+        const=RESUME_LAST,
+        metavar="CHECKPOINT",
+        help=f"--resume_from_checkpoint; alone: {RESUME_LAST}, the newest checkpoint in --out",
+    )
+    parser.set_defaults(**TRAINING_DEFAULTS)  # shown by --help
     return parser
+
+
+def _given(parser, argv: list[str], names: list[str]) -> dict:
+    """The values of the flags present in ``argv`` (defaults are applied later, by field)."""
+    # Every destination starts as None, so argparse applies no default and what changed was
+    # given (no flag parses to None).
+    namespace = argparse.Namespace(**dict.fromkeys(names))
+    parser.parse_args(argv, namespace=namespace)
+    return {k: v for k, v in vars(namespace).items() if v is not None}
+
+
+def _file_tokens(settings: dict, known: set[str], source: str) -> tuple[list[str], dict]:
+    """A config file's settings as command-line tokens (so argparse converts and checks them
+    as it does flags), and the settings tokens cannot express (null, empty lists)."""
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise _ParseError(f"{source}: unknown settings {unknown}")
+    tokens: list[str] = []
+    direct = {}
+    for key, value in settings.items():
+        if value is None or value == []:
+            direct[key] = value
+            continue
+        values = value if isinstance(value, list) else [value]
+        tokens.append(f"--{key}")
+        for v in values:
+            if isinstance(v, bool):
+                tokens.append(str(v).lower())
+            elif isinstance(v, dict):
+                tokens.append(json.dumps(v))
+            else:
+                tokens.append(str(v))
+    return tokens, direct
+
+
+def _layers(name: str, values: list[str] | str | list[int]) -> str | list[int]:
+    """``["auto"]`` -> ``"auto"``, ``["1", "3"]`` -> ``[1, 3]``."""
+    if isinstance(values, str):
+        return values
+    if len(values) == 1 and str(values[0]) in ("auto", "all", "key", "late"):
+        return str(values[0])
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(
+            f"{name} must be one of auto, all, key, late or layer numbers, got {values}"
+        ) from None
+
+
+def parse_distill_args(argv: list[str]):
+    """``(RunArguments, DistillConfig, TrainingArguments)`` of ``fastkd distill ARGV``: the
+    ``--config`` file's settings, overridden by the flags given, over fastkd's defaults.
+
+    Usage errors (unknown flags or keys, values of the wrong type or outside a flag's choices,
+    a missing required flag) exit like argparse does, naming the flag (and the config file);
+    values out of range raise ValueError naming the field.
+    """
+    import dataclasses
+
+    import transformers
+
+    from fastkd.training.config import DistillConfig, RunArguments, load_settings
+    from fastkd.training.run import training_arguments
+
+    parser = distill_parser()
+    groups = {
+        cls: [f.name for f in dataclasses.fields(cls) if f.init]
+        for cls in (RunArguments, DistillConfig, transformers.TrainingArguments)
+    }
+    names = sorted({name for fields in groups.values() for name in fields})
+    try:
+        given = _given(parser, argv, [*names, "config"])
+        config_file = given.pop("config", None)
+        if config_file is not None:
+            try:
+                tokens, direct = _file_tokens(load_settings(config_file), set(names), config_file)
+                from_file = {**_given(parser, tokens, names), **direct}
+            except _ParseError as e:
+                raise _ParseError(f"{config_file}: {e}") from None
+            given = {**from_file, **given}
+        for name, flag in (("output_dir", "--out"), ("student", "--student"), ("data", "--data")):
+            if name not in given:
+                raise _ParseError(f"{flag} is required (on the command line or in --config)")
+    except _ParseError as e:
+        parser.print_usage(sys.stderr)
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+    def pick(cls) -> dict:
+        return {k: given[k] for k in groups[cls] if k in given}
+
+    run = RunArguments(**pick(RunArguments))
+    distill = pick(DistillConfig)
+    for name in LAYER_FIELDS:
+        if name in distill:
+            distill[name] = _layers(name, distill[name])
+    config = DistillConfig(**{**distill, "seed": given.get("seed", TRAINING_DEFAULTS["seed"])})
+    training = {**TRAINING_DEFAULTS, **pick(transformers.TrainingArguments)}
+    batch_size = training.pop("per_device_train_batch_size")
+    args = training_arguments(
+        training.pop("output_dir"),
+        max_steps=training.pop("max_steps"),
+        batch_size=batch_size,
+        learning_rate=training.pop("learning_rate"),
+        seed=training.pop("seed"),
+        **training,
+    )
+    return run, config, args
+
+
+def _distill(argv: list[str]) -> None:
+    run, config, args = parse_distill_args(argv)
+    from fastkd.training.run import distill
+
+    distill(run, config, args)
+
+
+_HANDLERS = {
+    "demo": _demo,
+    "distill": _distill,
+    "eval": _eval,
+    "bench": _bench,
+    "check-gpu": _check_gpu,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        return _HANDLERS[args.command](args.args) or 0
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"fastkd {args.command}: error: {exc}", file=sys.stderr)
         return 2

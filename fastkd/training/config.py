@@ -181,6 +181,8 @@ class RunArguments:
     group, beside ``DistillConfig`` and ``transformers.TrainingArguments``). Values are checked
     here; paths are checked by ``fastkd.training.run.check_run`` before any model loads."""
 
+    _argument_group_name = "models, data, adapters"  # its heading in ``fastkd distill --help``
+
     teacher: list[str] = field(
         default_factory=list,
         metadata={
