@@ -128,7 +128,9 @@ def test_feature_loss_by_hand():
         diff = proj(hs.hidden_states[i][valid]) - ht.hidden_states[j][valid]
         expected += float((diff**2).mean().detach()) / 2
     assert math.isclose(float(out.feature), 0.7 * expected, rel_tol=1e-5)
-    assert math.isclose(float(out.loss.detach()), float(out.kd + out.ce + out.feature), rel_tol=1e-6)
+    assert math.isclose(
+        float(out.loss.detach()), float(out.kd + out.ce + out.feature), rel_tol=1e-6
+    )
 
     cos = Distiller(student, teacher, cfg.replace(feature_loss="cosine", feature_layers=[2]))
     got = cos(ids, mask, labels).feature
@@ -191,7 +193,9 @@ def test_self_distillation():
     ids, mask, labels = batch()
     frozen = Distiller(student, None, DistillConfig(self_distillation="frozen", alpha=0.0))
     assert frozen.teachers[0] is not student
-    assert abs(float(frozen(ids, mask, labels).loss.detach())) < 1e-5  # student == teacher at the start
+    assert (
+        abs(float(frozen(ids, mask, labels).loss.detach())) < 1e-5
+    )  # student == teacher at the start
 
     ema = Distiller(student, None, DistillConfig(self_distillation="ema", ema_decay=0.9))
     teacher = ema.teachers[0]
@@ -281,3 +285,55 @@ def test_distiller_errors():
         Distiller(student, [llama(), gpt2(vocab=V + 1)], DistillConfig())
     with pytest.raises(ValueError, match="vocab"):  # vocabularies differ, no vocab mode
         Distiller(student, gpt2(vocab=V + 3), DistillConfig())(*batch())
+
+
+class _Gradients(transformers.TrainerCallback):
+    """The trainable parameters' gradients just before the (first) optimizer step."""
+
+    def __init__(self, distiller):
+        self.distiller, self.grads = distiller, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        params = self.distiller.named_parameters()
+        self.grads = {n: p.grad.clone() for n, p in params if p.grad is not None}
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_in_the_trainer(tmp_path, lora):
+    """``TrainingArguments(gradient_checkpointing=True)``: the Trainer switches it on through
+    the Distiller, and one step gives the loss and gradients of the run without it."""
+    from peft import LoraConfig, get_peft_model
+
+    from fastkd.training import DistillationTrainer
+
+    ids, mask, labels = batch()
+    data = [dict(input_ids=i, attention_mask=m, labels=y) for i, m, y in zip(ids, mask, labels)]
+    runs = []
+    for checkpointing in (False, True):
+        student = llama(seed=1)
+        if lora:
+            student = get_peft_model(student, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        d = Distiller(student, llama(48, 3, seed=2), DistillConfig(alpha=0.5))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(checkpointing)),
+            max_steps=1,
+            per_device_train_batch_size=len(data),
+            gradient_checkpointing=checkpointing,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        seen = _Gradients(d)
+        trainer = DistillationTrainer(d, args, train_dataset=data, callbacks=[seen])
+        trainer.train()
+        assert d.is_activation_checkpointing == checkpointing
+        runs.append((trainer.state.log_history[0]["loss"], seen.grads))
+    (loss, grads), (loss_gc, grads_gc) = runs
+    assert loss == pytest.approx(loss_gc, rel=1e-6)
+    assert grads.keys() == grads_gc.keys() and grads
+    assert all(".lora_" in n for n in grads) == lora
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_gc[name], g, rtol=1e-5, atol=1e-7, msg=name)
