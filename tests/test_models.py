@@ -148,3 +148,73 @@ def test_config_that_disagrees_with_the_forward_is_refused():
     model.config.logit_scale = None
     with pytest.raises(ValueError, match=r"CohereForCausalLM \(model_type 'cohere'\)"):
         Distiller(make("cohere", seed=2), model, DistillConfig())
+
+
+MOE = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, moe_intermediate_size=16, head_dim=8),
+    ),
+}
+
+
+def moe(kind: str, router_logits: bool) -> transformers.PreTrainedModel:
+    config_cls, model_cls, extra = MOE[kind]
+    torch.manual_seed(1)
+    config = getattr(transformers, config_cls)(
+        **LLAMA_LIKE,
+        **extra,
+        num_experts_per_tok=2,
+        output_router_logits=router_logits,
+        router_aux_loss_coef=0.05,
+    )
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_moe_router_loss_is_the_models_own(kind):
+    student, teacher = moe(kind, router_logits=True), make("granite", seed=2)
+    kw = dict(temperature=2.0, alpha=0.4)
+    d = Distiller(student, teacher, DistillConfig(**kw))
+    assert d.active_parts == ("kd", "ce", "aux")
+    ids, mask = batch()
+    out = d(ids, mask)
+    own = student(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    assert float(own.aux_loss) > 0
+    assert math.isclose(float(out.aux), 0.05 * float(own.aux_loss), rel_tol=1e-5)
+    # The whole loss and its gradients (router weights included) are the reference KD loss
+    # plus the model's own weighted router loss.
+    expected = reference(student, teacher, ids, mask, **kw) + 0.05 * own.aux_loss
+    assert math.isclose(float(out.loss.detach()), float(expected.detach()), rel_tol=1e-5)
+    out.loss.backward()
+    fused = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    expected.backward()
+    for name, p in student.named_parameters():
+        atol = 1e-5 * float(p.grad.abs().max())
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=atol, msg=name)
+
+
+def test_moe_without_router_logits_has_no_router_loss():
+    """As in the model's own forward, ``output_router_logits=False`` leaves the term out."""
+    student = moe("mixtral", router_logits=False)
+    d = Distiller(student, make("granite", seed=2), DistillConfig())
+    assert "aux" not in d.active_parts
+    assert float(d(*batch()).aux) == 0.0
+
+
+class DoubleRouterLossMixtral(transformers.MixtralForCausalLM):
+    """A router loss fastkd does not model: the forward doubles it."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.aux_loss = 2 * out.aux_loss
+        return out
+
+
+def test_unknown_router_loss_is_refused():
+    student = DoubleRouterLossMixtral(moe("mixtral", router_logits=True).config)
+    with pytest.raises(ValueError, match=r"DoubleRouterLossMixtral \(model_type 'mixtral'\)"):
+        Distiller(student, make("granite", seed=2), DistillConfig())
