@@ -80,6 +80,18 @@ def make_dataset(n: int = 6, seed: int = 1) -> BlockDataset:
     return BlockDataset(input_ids, labels)
 
 
+def with_hits(model: nn.Module, dataset: BlockDataset) -> BlockDataset:
+    """Make about half of the targets the model's own prediction, so accuracy is not ~0."""
+    with torch.no_grad():
+        predicted = model(input_ids=dataset.input_ids).logits[:, :-1].argmax(-1)
+    targets = dataset.labels[:, 1:]
+    hit = (torch.rand(targets.shape, generator=torch.Generator().manual_seed(2)) < 0.5) & (
+        targets != -100
+    )
+    targets[hit] = predicted[hit]
+    return dataset
+
+
 def full_batch(dataset: BlockDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return dataset.input_ids, dataset.labels
 
@@ -103,15 +115,7 @@ def reference_metrics(model: nn.Module, dataset: BlockDataset) -> dict:
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2", "cohere", "granite"])
 def test_matches_transformers_loss(kind):
     model = make_model(kind).eval()
-    dataset = make_dataset()
-    # Make about half of the targets the model's own prediction, so accuracy is not ~0.
-    with torch.no_grad():
-        predicted = model(input_ids=dataset.input_ids).logits[:, :-1].argmax(-1)
-    targets = dataset.labels[:, 1:]
-    hit = (torch.rand(targets.shape, generator=torch.Generator().manual_seed(2)) < 0.5) & (
-        targets != -100
-    )
-    targets[hit] = predicted[hit]
+    dataset = with_hits(model, make_dataset())
     ref = reference_metrics(model, dataset)
     assert 0.3 < ref["accuracy"] < 0.8
     got = evaluate(model, dataset, batch_size=len(dataset))
@@ -253,3 +257,31 @@ def test_head_bias_by_hand():
     losses = [lse_plain - s, lse_plain - s, lse_after_2 - 0.0, lse_plain - b]
     assert got["accuracy"] == 0.25
     assert got["loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere"])
+def test_distiller_eval_statistics_equal_evaluate(kind, monkeypatch):
+    """DistillOutput's nll / correct / tokens (eval mode) are evaluate()'s numbers, computed
+    in chunks of rows like it; in training they are zeros."""
+    from fastkd.training import DistillConfig, Distiller
+
+    student = make_model(kind)
+    dataset = with_hits(student, make_dataset())
+    expected = evaluate(student, dataset, batch_size=len(dataset))
+    assert expected["accuracy"] > 0.3
+    torch.manual_seed(5)
+    teacher = LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE))
+    monkeypatch.setattr(models_module, "CHUNK_ELEMENTS", 5 * VOCAB)  # several chunks
+    distiller = Distiller(student, teacher, DistillConfig(alpha=0.7)).eval()
+    with torch.no_grad():
+        out = distiller(dataset.input_ids, labels=dataset.labels)
+    assert (out.nll.dtype, out.correct.dtype, out.tokens.dtype) == (
+        torch.float64,
+        torch.int64,
+        torch.int64,
+    )
+    assert int(out.tokens) == expected["tokens"]
+    assert int(out.correct) == round(expected["accuracy"] * expected["tokens"])
+    assert float(out.nll) / int(out.tokens) == pytest.approx(expected["loss"], rel=1e-6)
+    out = distiller.train()(dataset.input_ids, labels=dataset.labels)
+    assert int(out.tokens) == int(out.correct) == float(out.nll) == 0

@@ -182,3 +182,16 @@ def test_save_and_load_errors(tmp_path):
     with pytest.raises(ValueError, match="merge=True merges LoRA adapters"):
         plain.save_pretrained(tmp_path / "plain", merge=True)
     assert not (tmp_path / "plain").exists()
+
+
+def test_evaluate_a_lora_model():
+    """evaluate() runs a peft model's adapted head too: its loss is the model's own."""
+    from fastkd.training.data import BlockDataset
+    from fastkd.training.evaluate import evaluate
+
+    model = trained().student.eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        own = model(input_ids=ids, labels=ids).loss
+    got = evaluate(model, BlockDataset(ids, ids.clone()), batch_size=2)
+    assert got["loss"] == pytest.approx(float(own), rel=1e-5)
