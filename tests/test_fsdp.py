@@ -1,0 +1,207 @@
+"""FSDP2 (``shard_distiller``, ``full_weights``): 2 CPU processes (gloo) against 1 process.
+
+One spawn of 2 workers runs every sharding layout; each worker trains its half of the batch
+and rank 0 writes the loss, the gradients and the parameters after one optimizer step,
+gathered to full tensors, with what it observed about the sharding. The tests compare those
+with the same Distiller run unsharded on the whole batch in this process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from fastkd.training import DistillConfig, Distiller
+from fastkd.training.fsdp import full_weights, is_sharded, shard_distiller
+
+VOCAB = 301  # odd: the heads' rows do not split evenly over 2 ranks
+LAYOUTS = {
+    "student": dict(shard_head=False, shard_teachers=False),
+    "head": dict(shard_head=True, shard_teachers=False),
+    "teacher": dict(shard_head=True, shard_teachers=True),
+    "tied": dict(shard_head=True, shard_teachers=True),
+}
+LR = 0.1
+
+
+def llama(seed: int, hidden: int, tied: bool) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        )
+    )
+
+
+def make_distiller(layout: str) -> Distiller:
+    tied = layout == "tied"
+    # Teacher wider than the student: feature projections (root parameters) are trained too.
+    config = DistillConfig(feature_weight=0.5, feature_layers="key", alpha=0.3)
+    return Distiller(llama(1, 32, tied), llama(0, 48, tied), config)
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(5))
+
+
+def full(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def one_step(distiller: Distiller, input_ids: torch.Tensor) -> dict:
+    """Loss and gradients of one batch, then the parameters after one SGD step."""
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=LR)
+    out = distiller(input_ids)
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    if dist.is_initialized():  # each rank's loss is the mean over its half of the batch
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    grads = {n: full(p.grad) for n, p in distiller.named_parameters()}
+    optimizer.step()
+    params = {n: full(p.detach()) for n, p in distiller.named_parameters()}
+    return {"loss": loss, "grads": grads, "params": params}
+
+
+def observe(distiller: Distiller) -> dict:
+    """What the sharding looks like on this rank."""
+    student = distiller.student
+    teachers = distiller.teachers
+    t_params = [p for t in teachers for p in t.parameters()]
+    return {
+        "root": isinstance(distiller, FSDPModule),
+        "layers": all(isinstance(layer, FSDPModule) for layer in student.model.layers),
+        "head": is_sharded(student.lm_head),
+        "student_dtensor": all(isinstance(p, DTensor) for p in distiller.parameters()),
+        "teacher_dtensor": all(isinstance(p, DTensor) for p in t_params),
+        "teacher_local": sum(p.to_local().numel() for p in t_params if isinstance(p, DTensor)),
+        "teacher_full": sum(p.numel() for p in t_params),
+        "teacher_frozen": all(not p.requires_grad and p.grad is None for p in t_params),
+        "tied": student.lm_head.weight is student.get_input_embeddings().weight,
+    }
+
+
+def misuse(distiller: Distiller) -> dict:
+    """The two ways ``full_weights`` refuses to lose a gradient; returns the messages."""
+    errors = {}
+    head = distiller.student.lm_head
+    if is_sharded(head):  # trainable, gathered outside the root's forward
+        try:
+            with full_weights(head):
+                pass
+        except RuntimeError as e:
+            errors["outside_forward"] = str(e)
+    t_head = distiller.teachers[0].lm_head
+    if is_sharded(t_head):  # a weight kept for backward would be freed on exit
+        x = torch.ones(2, t_head.in_features, requires_grad=True)
+        try:
+            with full_weights(t_head):
+                x @ t_head.weight.t()
+        except RuntimeError as e:
+            errors["saved_weight"] = str(e)
+    return errors
+
+
+def worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    results = {}
+    try:
+        for layout, options in LAYOUTS.items():
+            distiller = shard_distiller(make_distiller(layout), **options)
+            seen = observe(distiller)
+            rows = batch()[2 * rank : 2 * rank + 2]
+            results[layout] = {**one_step(distiller, rows), "seen": seen}
+            results[layout]["errors"] = misuse(distiller)
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(worker, args=(str(tmp / "store"), str(tmp / "out.pt")), nprocs=2)
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+def assert_matches_one_process(layout: str, run: dict) -> None:
+    ref = one_step(make_distiller(layout), batch())
+    torch.testing.assert_close(run["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert run["grads"].keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        assert run["grads"][name] is not None, f"{name}: no gradient reached the shard"
+        torch.testing.assert_close(run["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, p in ref["params"].items():  # one SGD step on the shards = one on the whole
+        torch.testing.assert_close(run["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_student_sharding_matches_one_process(sharded_runs):
+    run = sharded_runs["student"]
+    seen = run["seen"]
+    assert seen["root"] and seen["layers"] and seen["student_dtensor"]
+    assert not seen["head"] and not seen["teacher_dtensor"]  # the head is in the root unit
+    assert_matches_one_process("student", run)
+
+
+@pytest.mark.slow
+def test_head_sharding_matches_one_process(sharded_runs):
+    run = sharded_runs["head"]
+    seen = run["seen"]
+    assert seen["root"] and seen["layers"] and seen["head"] and seen["student_dtensor"]
+    assert not seen["teacher_dtensor"]
+    assert "outside its FSDP root's forward" in run["errors"]["outside_forward"]
+    assert_matches_one_process("head", run)
+
+
+@pytest.mark.slow
+def test_teacher_sharding_matches_one_process(sharded_runs):
+    run = sharded_runs["teacher"]
+    seen = run["seen"]
+    assert seen["head"] and seen["student_dtensor"] and seen["teacher_dtensor"]
+    # No rank holds the full teacher: its shards are about half of it (uneven rows round up).
+    assert seen["teacher_local"] <= 0.53 * seen["teacher_full"]
+    assert seen["teacher_frozen"]
+    assert "keeps a gathered weight" in run["errors"]["saved_weight"]
+    assert_matches_one_process("teacher", run)
+
+
+@pytest.mark.slow
+def test_tied_heads_shard_with_their_embedding(sharded_runs):
+    run = sharded_runs["tied"]
+    seen = run["seen"]
+    # The tied weight stays one parameter, sharded once; the embedding's and the loss's
+    # gradients add up on it.
+    assert seen["tied"] and seen["head"] and seen["student_dtensor"] and seen["teacher_dtensor"]
+    assert_matches_one_process("tied", run)
+
+
+def test_shard_distiller_rejects_bad_input():
+    distiller = make_distiller("student")
+    with pytest.raises(TypeError, match="distiller must be a fastkd Distiller"):
+        shard_distiller(distiller.student)
+    with pytest.raises(TypeError, match="mp_policy must be a MixedPrecisionPolicy"):
+        shard_distiller(distiller, mp_policy=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="initialized process group"):
+        shard_distiller(distiller)
+    ema = Distiller(llama(1, 32, False), None, DistillConfig(self_distillation="ema"))
+    with pytest.raises(ValueError, match="shard_teachers=True"):
+        shard_distiller(ema, shard_teachers=False)
+
+
+def test_full_weights_leaves_unsharded_modules_alone():
+    head = torch.nn.Linear(4, 3)
+    with full_weights(head, None):
+        assert not is_sharded(head) and head.weight.shape == (3, 4)
