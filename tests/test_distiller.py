@@ -331,6 +331,8 @@ def test_gradient_checkpointing_in_the_trainer(tmp_path, lora):
         trainer.train()
         assert d.is_activation_checkpointing == checkpointing
         runs.append((trainer.state.log_history[0]["loss"], seen.grads))
+        d.gradient_checkpointing_disable()
+        assert not d.is_activation_checkpointing
     (loss, grads), (loss_gc, grads_gc) = runs
     assert loss == pytest.approx(loss_gc, rel=1e-6)
     assert grads.keys() == grads_gc.keys() and grads

@@ -226,7 +226,9 @@ class Distiller(nn.Module):
         )
 
     def activation_checkpointing_disable(self) -> None:
-        self._checkpointing_target().activation_checkpointing_disable()
+        lm = self._checkpointing_target()
+        lm.activation_checkpointing_disable()
+        lm.disable_input_require_grads()  # what enable added (transformers keeps it otherwise)
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, **kwargs
