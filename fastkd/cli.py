@@ -316,6 +316,12 @@ def parse_distill_args(argv: list[str]):
             distill[name] = _layers(name, distill[name])
     config = DistillConfig(**{**distill, "seed": given.get("seed", TRAINING_DEFAULTS["seed"])})
     training = {**TRAINING_DEFAULTS, **pick(transformers.TrainingArguments)}
+    for name, value in training.items():  # dict settings as JSON: name the one that is not
+        if isinstance(value, str) and value.startswith("{"):
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name}: invalid JSON {value!r} ({e})") from None
     batch_size = training.pop("per_device_train_batch_size")
     args = training_arguments(
         training.pop("output_dir"),
