@@ -11,12 +11,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, d
 from fastkd.training import data
 from fastkd.training.data import (
     BlockDataset,
+    has_tokenizer,
+    held_out_split,
     load_dataset,
     load_tokenizer,
     pack,
     read_records,
     split_blocks,
     stdlib_corpus,
+    tokenizer_difference,
     train_tokenizer,
 )
 
@@ -146,6 +149,34 @@ def test_load_tokenizer_errors(tmp_path, tokenizer):
     no_eos.save_pretrained(tmp_path / "no_eos")
     with pytest.raises(ValueError, match="has no eos token"):
         load_tokenizer(tmp_path / "no_eos")
+
+
+def test_has_tokenizer(tmp_path, tokenizer):
+    assert not has_tokenizer(tmp_path) and not has_tokenizer(tmp_path / "missing")
+    tokenizer.save_pretrained(tmp_path)
+    assert has_tokenizer(tmp_path)
+
+
+def test_tokenizer_difference(corpus, tokenizer):
+    sample = corpus[:3000]
+    assert tokenizer_difference(tokenizer, tokenizer, sample) is None
+    # A padded vocabulary (more ids, the shared ones equal) is not a difference.
+    padded = train_tokenizer([corpus], vocab_size=600)
+    padded.add_tokens(["<extra_0>", "<extra_1>"])
+    assert len(padded) == len(tokenizer) + 2
+    assert tokenizer_difference(tokenizer, padded, sample) is None
+    other = train_tokenizer([corpus[::-1]], vocab_size=600)
+    assert tokenizer_difference(tokenizer, other, sample).startswith("id 259 is ")  # merges
+    # Same vocabulary, another normalizer: the sample encodes differently.
+    from tokenizers import normalizers
+
+    lower = train_tokenizer([corpus], vocab_size=600)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert tokenizer_difference(tokenizer, lower, "Import OS") == (
+        "a sample of the data encodes differently from token 0 on"
+    )
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    assert tokenizer_difference(tokenizer, no_eos, sample) == "eos ids 0 and None"
 
 
 # ---------------------------------------------------------------- pack
@@ -320,6 +351,20 @@ def test_load_dataset(tmp_path, corpus, tokenizer):
     assert (train.labels == -100).any()  # the prompts are masked
     again, _ = load_dataset(tmp_path / "d.jsonl", tokenizer, 32, eval_fraction=0.1, seed=1)
     assert torch.equal(again.input_ids, train.input_ids)
+
+
+def test_held_out_split_is_disjoint_and_reproducible(tmp_path, corpus, tokenizer):
+    """distill and eval call the same split with one seed: seed 3 gives the same held-out
+    blocks through either path, disjoint from the training blocks."""
+    records = [{"text": corpus[:20_000]}]
+    train, held = held_out_split(records, tokenizer, 32, eval_fraction=0.2, seed=3)
+    rows = lambda d: {tuple(r) for r in d.input_ids.tolist()}  # noqa: E731
+    assert rows(train).isdisjoint(rows(held)) and len(held) == round(0.2 * (len(train) + len(held)))
+    write_jsonl(tmp_path / "d.jsonl", records)
+    _, again = load_dataset(tmp_path / "d.jsonl", tokenizer, 32, eval_fraction=0.2, seed=3)
+    assert torch.equal(again.input_ids, held.input_ids)
+    _, other = held_out_split(records, tokenizer, 32, eval_fraction=0.2, seed=0)
+    assert not torch.equal(other.input_ids, held.input_ids)
 
 
 # ---------------------------------------------------------------- stdlib corpus
