@@ -42,6 +42,12 @@ def gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def llama_with_head_bias(seed=0):
+    model = llama(seed=seed)
+    model.lm_head = torch.nn.Linear(32, V, bias=True)
+    return model
+
+
 def lora(base, targets, dropout=0.0, fan_in_fan_out=False):
     # init_lora_weights=False: B is random too, so the adapters change the logits from step 0.
     config = LoraConfig(
@@ -51,6 +57,7 @@ def lora(base, targets, dropout=0.0, fan_in_fan_out=False):
         lora_dropout=dropout,
         init_lora_weights=False,
         fan_in_fan_out=fan_in_fan_out,
+        lora_bias=base.lm_head.bias is not None,  # LoRA's B gets a bias where the head has one
     )
     torch.manual_seed(7)
     return get_peft_model(base, config)
@@ -85,8 +92,9 @@ def grads(model):
         (llama, ["q_proj", "lm_head"], 0.0, False),
         (llama, ["v_proj", "down_proj", "lm_head"], 0.3, False),
         (gpt2, ["c_attn"], 0.0, True),  # Conv1D weights: fan_in_fan_out
+        (llama_with_head_bias, ["lm_head"], 0.0, False),
     ],
-    ids=["attention", "attention+head", "mlp+head-dropout", "gpt2-conv1d"],
+    ids=["attention", "attention+head", "mlp+head-dropout", "gpt2-conv1d", "head-bias"],
 )
 def test_loss_and_gradients_equal_reference(make_base, targets, dropout, fan_in_fan_out):
     student = lora(make_base(seed=1), targets, dropout, fan_in_fan_out)

@@ -132,30 +132,32 @@ class Head:
         return torch.cat([hidden, *extra], -1) if extra else hidden
 
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """[V, H (+ r)], differentiable; in ``dtype`` when given."""
+        """[V, H (+ r)], differentiable; in ``dtype`` (default: the base weight's)."""
         w = self.base.weight
         if self.lora and self.module.fan_in_fan_out:
             w = w.T
-        parts = [w, *(b.weight for _, _, b, _, _ in self._adapters())]
-        if dtype is not None:
-            parts = [p.to(dtype) for p in parts]
+        dtype = w.dtype if dtype is None else dtype
+        parts = [p.to(dtype) for p in (w, *(b.weight for _, _, b, _, _ in self._adapters()))]
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """[V] or None, differentiable; in ``dtype`` (default: the base weight's)."""
         b = getattr(self.base, "bias", None)
         for _, _, lora_b, _, s in self._adapters():
             if lora_b.bias is not None:  # peft's lora_bias: needs a base bias
                 b = b + s * lora_b.bias
-        return b if b is None or dtype is None else b.to(dtype)
+        return None if b is None else b.to(self.base.weight.dtype if dtype is None else dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits from its body's output. The product runs in the head's dtype, as
-        in the model's forward (and with no fp32 copy of W); the logits are then upcast to fp32
-        (fp64 for an fp64 model) for the transforms and everything after."""
-        w = self.weight()
-        x = self.inputs(hidden.to(w.device, self.base.weight.dtype))
-        z = nn.functional.linear(x.to(w.dtype), w, self.bias())
-        return transform_logits(z.to(compute_dtype(w.dtype)), self.scale, self.softcap)
+    def logits(self, hidden: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """The model's logits from its body's output (``weight``/``bias``: this head's, when
+        the caller already has them). The product runs in the head's dtype, as in the model's
+        forward (and with no fp32 copy of W); the logits are then upcast to fp32 (fp64 for an
+        fp64 model) for the transforms and everything after."""
+        if weight is None:
+            weight, bias = self.weight(), self.bias()
+        x = self.inputs(hidden.to(weight.device, weight.dtype))
+        z = nn.functional.linear(x, weight, bias)
+        return transform_logits(z.to(compute_dtype(weight.dtype)), self.scale, self.softcap)
 
     @torch.no_grad()
     def statistics(
@@ -169,8 +171,9 @@ class Head:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         rows = max(1, CHUNK_ELEMENTS // self.vocab_size)
         targets = targets.to(device)
+        weight, bias = self.weight(), self.bias()
         for start in range(0, hidden.shape[0], rows):
-            z = self.logits(hidden[start : start + rows])
+            z = self.logits(hidden[start : start + rows], weight, bias)
             y = targets[start : start + rows]
             nll += (z.logsumexp(-1) - z.gather(1, y[:, None]).squeeze(1)).sum()
             correct += (z.argmax(-1) == y).sum()
