@@ -5,11 +5,23 @@ the T^2-scaled distillation term (see ``fastkd.kd_loss``). Every loss takes the 
 ``fastkd.LossOptions``.
 """
 
-from fastkd._options import LossOptions
-from fastkd.backends import BackendStatus, backends
-from fastkd.fused_linear_kd_loss import FusedLinearKDLoss, KDLossParts, fused_linear_kd_loss
-from fastkd.kd_loss import KDLoss, kd_loss
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
+# The public names, imported on first use so that ``fastkd --help`` (``fastkd.cli``) does not
+# import torch.
+_EXPORTS = {
+    "BackendStatus": "fastkd.backends",
+    "backends": "fastkd.backends",
+    "FusedLinearKDLoss": "fastkd.fused_linear_kd_loss",
+    "KDLossParts": "fastkd.fused_linear_kd_loss",
+    "fused_linear_kd_loss": "fastkd.fused_linear_kd_loss",
+    "KDLoss": "fastkd.kd_loss",
+    "kd_loss": "fastkd.kd_loss",
+    "LossOptions": "fastkd._options",
+}
 __all__ = [
     "BackendStatus",
     "FusedLinearKDLoss",
@@ -21,3 +33,32 @@ __all__ = [
     "kd_loss",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fastkd._options import LossOptions
+    from fastkd.backends import BackendStatus, backends
+    from fastkd.fused_linear_kd_loss import FusedLinearKDLoss, KDLossParts, fused_linear_kd_loss
+    from fastkd.kd_loss import KDLoss, kd_loss
+
+
+class _Package(types.ModuleType):
+    """``fastkd.kd_loss`` and ``fastkd.fused_linear_kd_loss`` are functions, as they were when
+    imported eagerly: importing the submodules of those names must not rebind them."""
+
+    def __getattr__(self, name: str):
+        if name not in _EXPORTS:
+            raise AttributeError(f"module 'fastkd' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        types.ModuleType.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return  # the import system announcing the submodule of the same name
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted({*super().__dir__(), *_EXPORTS})
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,6 +16,7 @@ from fastkd.cli import main
 from fastkd.training import DistillationTrainer, DistillConfig, Distiller
 from fastkd.training.data import load_dataset, stdlib_corpus, train_tokenizer
 from fastkd.training.run import training_arguments
+from fastkd.training.trainer import EVAL_STATS
 
 BLOCK = 32
 
@@ -270,3 +271,36 @@ def distill_args_str(root, out):
 def test_python_m_fastkd_help():
     out = run_cli("--help")
     assert out.returncode == 0 and "distill" in out.stdout and "demo" in out.stdout
+
+
+def test_evaluate_reports_parts_perplexity_and_accuracy(workspace, tmp_path):
+    """Trainer.evaluate(): the active parts, and the student's perplexity and accuracy equal to
+    fastkd.training.evaluate on the same blocks; a user's compute_metrics is called too."""
+    from fastkd.training.evaluate import evaluate
+
+    root, tokenizer = workspace
+    seen = []
+
+    def user_metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"rows": len(prediction.label_ids)}
+
+    trainer = make_trainer(root, tokenizer, tmp_path / "run", steps=2)
+    _, eval_ds = load_dataset(root / "data.txt", tokenizer, BLOCK, 0.1, 0)
+    metrics = trainer.evaluate(eval_ds)
+    assert {"eval_loss", "eval_kd", "eval_ce", "eval_feature"} <= metrics.keys()
+    assert "eval_attention" not in metrics and "eval_aux" not in metrics  # not active
+    parts = metrics["eval_kd"] + metrics["eval_ce"] + metrics["eval_feature"]
+    assert parts == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    expected = evaluate(trainer.distiller.student, eval_ds, batch_size=4)
+    assert metrics["eval_tokens"] == expected["tokens"]
+    assert metrics["eval_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert metrics["eval_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+
+    with_user = DistillationTrainer(
+        trainer.distiller, trainer.args, processing_class=tokenizer, compute_metrics=user_metrics
+    )
+    metrics = with_user.evaluate(eval_ds)
+    assert metrics["eval_rows"] == len(eval_ds)
+    assert metrics["eval_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert seen == [(len(eval_ds), len(EVAL_STATS))]

@@ -46,10 +46,11 @@ class DistillOutput(NamedTuple):
 
     ``loss = kd + ce + feature + attention + aux``; the parts are detached (for logging) and
     already weighted; ``aux`` is an MoE student's router load-balancing loss (zero otherwise).
-    In eval mode (``not distiller.training``) ``nll`` is the sum over target tokens of the
-    student's unweighted hard-label cross-entropy (T = 1, fp64), ``correct`` the number of
-    targets that are the student's argmax and ``tokens`` the number of targets (int64); they are
-    zeros in training. Perplexity = exp(nll / tokens), accuracy = correct / tokens.
+    In eval mode (``not distiller.training``), per sequence ([B], so that a distributed gather
+    of them stays exact): ``nll`` is the sum over its target tokens of the student's unweighted
+    hard-label cross-entropy (T = 1, fp64), ``correct`` the number of its targets that are the
+    student's argmax and ``tokens`` the number of its targets (int64); zeros in training.
+    Perplexity = exp(Σ nll / Σ tokens), accuracy = Σ correct / Σ tokens.
     """
 
     loss: torch.Tensor
@@ -313,15 +314,23 @@ class Distiller(nn.Module):
         return DistillOutput(loss, *(p.detach() for p in parts), *stats)
 
     def _statistics(self, head: Head, hidden: torch.Tensor, labels: torch.Tensor):
-        """(nll, correct, tokens) of the student in eval mode; zeros in training."""
+        """(nll, correct, tokens) per sequence [B] of the student in eval mode; zeros in
+        training."""
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
+        rows = hidden.shape[0]
+        device = head.base.weight.device
+        nll = torch.zeros(rows, dtype=torch.float64, device=device)
+        correct = torch.zeros(rows, dtype=torch.int64, device=device)
+        tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         if self.training:
-            nll = torch.zeros((), dtype=torch.float64, device=hidden.device)
-            correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
-            return nll, correct, torch.zeros_like(correct)
-        nll, correct = head.statistics(hidden.detach()[:, :-1][keep], targets[keep])
-        return nll, correct, keep.sum().to(correct.device)
+            return nll, correct, tokens
+        row_nll, hit = head.statistics(hidden.detach()[:, :-1][keep], targets[keep])
+        sequence = keep.nonzero()[:, 0].to(device)  # the sequence of each kept row
+        nll.index_add_(0, sequence, row_nll)
+        correct.index_add_(0, sequence, hit.long())
+        tokens.index_add_(0, sequence, torch.ones_like(sequence))
+        return nll, correct, tokens
 
     def _teacher_head(self, k: int, head: Head, device: torch.device, dtype: torch.dtype):
         """Teacher k's head (weight, bias) on the student's device in ``dtype``. Cached for

@@ -83,8 +83,8 @@ def evaluate(
             keep = targets != IGNORE_INDEX
             hidden = model_body(input_ids=input_ids, attention_mask=mask).last_hidden_state
             nll, hits = head.statistics(hidden[:, :-1].to(head_device)[keep], targets[keep])
-            loss_sum += nll
-            correct += hits
+            loss_sum += nll.sum()
+            correct += hits.sum()
             tokens += keep.sum()
     finally:
         model.train(was_training)

@@ -163,21 +163,21 @@ class Head:
     def statistics(
         self, hidden: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the hard-label cross-entropy, number of argmax hits) over rows ``hidden``
-        [N, H] with ``targets`` [N] (no ignored ones), a chunk of rows at a time so that
-        [N, V] logits never exist. fp64 and int64 scalars on the head's device."""
+        """Per row of ``hidden`` [N, H] with ``targets`` [N] (no ignored ones): the hard-label
+        cross-entropy (fp64) and whether the target is the argmax (bool), both [N] on the
+        head's device, a chunk of rows at a time so that [N, V] logits never exist."""
         device = self.base.weight.device
-        nll = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+        nll = torch.empty(hidden.shape[0], dtype=torch.float64, device=device)
+        hit = torch.empty(hidden.shape[0], dtype=torch.bool, device=device)
         rows = max(1, CHUNK_ELEMENTS // self.vocab_size)
         targets = targets.to(device)
         weight, bias = self.weight(), self.bias()
         for start in range(0, hidden.shape[0], rows):
             z = self.logits(hidden[start : start + rows], weight, bias)
             y = targets[start : start + rows]
-            nll += (z.logsumexp(-1) - z.gather(1, y[:, None]).squeeze(1)).sum()
-            correct += (z.argmax(-1) == y).sum()
-        return nll, correct
+            nll[start : start + rows] = z.logsumexp(-1) - z.gather(1, y[:, None]).squeeze(1)
+            hit[start : start + rows] = z.argmax(-1) == y
+        return nll, hit
 
 
 def _eval_mode(model: nn.Module):
