@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ class DemoSettings:
     temperature: float = 1.0
     alpha: float = 0.5
     eval_fraction: float = 0.05
+    # The plotted held-out CE: measured this many times in each training run, on this many
+    # held-out blocks (a subset keeps it cheap; the final table uses them all).
+    curve_points: int = 8
+    curve_blocks: int = 64
 
 
 DEFAULT = DemoSettings(
@@ -96,8 +101,20 @@ def _llama(settings: DemoSettings, sizes: dict, tokenizer) -> transformers.Llama
     return transformers.LlamaForCausalLM(config)
 
 
-def _losses(trainer: transformers.Trainer, key: str = "loss") -> list[tuple[int, float]]:
-    return [(h["step"], h[key]) for h in trainer.state.log_history if key in h and "step" in h]
+class _HeldOutCE(transformers.TrainerCallback):
+    """Records ``model``'s held-out CE every ``every`` steps and at the last step, with the same
+    ``evaluate`` as the final table, and vetoes the Trainer's checkpoints: the demo saves the
+    models it keeps itself, and a checkpoint of each run would leave ~150 MB behind."""
+
+    def __init__(self, model: torch.nn.Module, dataset: BlockDataset, every: int) -> None:
+        self.model, self.dataset, self.every = model, dataset, every
+        self.points: list[list] = []  # [step, CE]: JSON as the report holds them
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            ce = evaluate(self.model, self.dataset, batch_size=args.per_device_eval_batch_size)
+            self.points.append([state.global_step, round(ce["loss"], 4)])
+        control.should_save = False
 
 
 def _memory(settings: DemoSettings) -> dict:
@@ -139,7 +156,7 @@ def _memory(settings: DemoSettings) -> dict:
     }
 
 
-def _plot(curves: dict, path: Path) -> None:
+def _plot(curves: dict[str, list[list]], blocks: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,11 +164,10 @@ def _plot(curves: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves.items():
-        if points:
-            ax.plot(*zip(*points), label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("fastkd demo: teacher, distilled student, hard-label baseline")
+        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out cross-entropy (nats/token, lower is better)")
+    ax.set_title(f"fastkd demo: hard-label CE on {blocks} held-out blocks during training")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -159,12 +175,26 @@ def _plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def check_output_dir(out: Path) -> None:
+    """Reject an ``out`` the demo cannot write its directories into (before any heavy work)."""
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"out: {parent} exists and is not a directory")
+            break
+
+
 def run_demo(
     out: Path, quick: bool = False, seed: int = 0, settings: DemoSettings | None = None
 ) -> dict:
-    """Run the demo, write ``out/report.json``, ``out/loss_curves.png`` and the model
-    directories ``out/teacher``, ``out/student_kd``, ``out/tokenizer``; return the report.
+    """Run the demo and return its report. Writes into ``out`` (and nothing else, no
+    checkpoints): ``report.json``, ``loss_curves.png`` and the directories ``tokenizer/``,
+    ``teacher/`` and ``student_kd/`` (each model directory holds the tokenizer too).
     ``settings`` overrides the default (or ``--quick``) sizes."""
+    out = Path(out)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_output_dir(out)
     settings = settings or (QUICK if quick else DEFAULT)
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -182,58 +212,71 @@ def run_demo(
     ids, labels = pack([{"text": corpus}], tokenizer, settings.block_size)
     train, held_out = split_blocks(ids, labels, settings.eval_fraction, seed)
     train_ds, eval_ds = BlockDataset(*train), BlockDataset(*held_out)
+    curve_ds = BlockDataset(*(t[: settings.curve_blocks] for t in held_out))
     print(
         f"    {ids.numel():,} tokens: {len(train_ds)} training and {len(eval_ds)} held-out "
         f"blocks of {settings.block_size}"
     )
 
-    def args(name: str, steps: int, lr: float) -> transformers.TrainingArguments:
-        return training_arguments(
-            out / "checkpoints" / name,
+    # The Trainer's output directory only: _HeldOutCE vetoes its checkpoints, and the
+    # directory goes at the end, so nothing but what the demo saves is left in ``out``.
+    scratch = tempfile.TemporaryDirectory(prefix="fastkd-demo-")
+
+    def train_run(trainer_cls, model, watched, steps: int, lr: float, **kwargs):
+        every = max(1, steps // settings.curve_points)
+        curve = _HeldOutCE(watched, curve_ds, every)
+        args = training_arguments(
+            Path(scratch.name),
             max_steps=steps,
             batch_size=settings.batch_size,
             learning_rate=lr,
             seed=seed,
-            save_steps=10**9,
-            logging_steps=5,
+            logging_steps=every,
         )
+        trainer = trainer_cls(model, args, train_dataset=train_ds, callbacks=[curve], **kwargs)
+        trainer.train()
+        return trainer, curve.points
 
-    step(3, f"teacher: Llama {settings.teacher}, {settings.teacher_steps} steps")
-    teacher = _llama(settings, settings.teacher, tokenizer)
-    t_trainer = transformers.Trainer(
-        teacher,
-        args("teacher", settings.teacher_steps, settings.teacher_learning_rate),
-        train_dataset=train_ds,
-    )
-    t_trainer.train()
-    teacher.save_pretrained(out / "teacher")
-    tokenizer.save_pretrained(out / "teacher")
+    with scratch:
+        step(3, f"teacher: Llama {settings.teacher}, {settings.teacher_steps} steps")
+        teacher = _llama(settings, settings.teacher, tokenizer)
+        _, teacher_curve = train_run(
+            transformers.Trainer,
+            teacher,
+            teacher,
+            settings.teacher_steps,
+            settings.teacher_learning_rate,
+        )
+        teacher.save_pretrained(out / "teacher")
+        tokenizer.save_pretrained(out / "teacher")
 
-    transformers.set_seed(seed + 1)
-    student = _llama(settings, settings.student, tokenizer)
-    baseline = copy.deepcopy(student)  # same initialisation
-    config = DistillConfig(temperature=settings.temperature, alpha=settings.alpha, seed=seed)
-    step(
-        4,
-        f"student: Llama {settings.student}, distilled for {settings.student_steps} steps "
-        f"(T={config.temperature}, alpha={config.alpha} = CE weight)",
-    )
-    kd_trainer = DistillationTrainer(
-        Distiller(student, teacher, config),
-        args("student_kd", settings.student_steps, settings.student_learning_rate),
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-    )
-    kd_trainer.train()
-    kd_trainer.save_model(str(out / "student_kd"))
+        transformers.set_seed(seed + 1)
+        student = _llama(settings, settings.student, tokenizer)
+        baseline = copy.deepcopy(student)  # same initialisation
+        config = DistillConfig(temperature=settings.temperature, alpha=settings.alpha, seed=seed)
+        step(
+            4,
+            f"student: Llama {settings.student}, distilled for {settings.student_steps} steps "
+            f"(T={config.temperature}, alpha={config.alpha} = CE weight)",
+        )
+        kd_trainer, kd_curve = train_run(
+            DistillationTrainer,
+            Distiller(student, teacher, config),
+            student,
+            settings.student_steps,
+            settings.student_learning_rate,
+            processing_class=tokenizer,
+        )
+        kd_trainer.save_model(str(out / "student_kd"))
 
-    step(5, f"baseline: the same student on hard labels only, {settings.student_steps} steps")
-    b_trainer = transformers.Trainer(
-        baseline,
-        args("student_baseline", settings.student_steps, settings.student_learning_rate),
-        train_dataset=train_ds,
-    )
-    b_trainer.train()
+        step(5, f"baseline: the same student on hard labels only, {settings.student_steps} steps")
+        _, baseline_curve = train_run(
+            transformers.Trainer,
+            baseline,
+            baseline,
+            settings.student_steps,
+            settings.student_learning_rate,
+        )
 
     step(6, f"evaluation on {len(eval_ds)} held-out blocks, and the loss's peak memory")
     results = {
@@ -245,11 +288,14 @@ def run_demo(
         )
     }
     memory = _memory(settings)
+    curves = {"teacher": teacher_curve, "student_kd": kd_curve, "student_baseline": baseline_curve}
     report = {
         **results,
         "retention": round(results["student_kd"]["accuracy"] / results["teacher"]["accuracy"], 4),
         "kd_beats_baseline": results["student_kd"]["perplexity"]
         < results["student_baseline"]["perplexity"],
+        # [step, CE] pairs: every model's hard-label CE on the first held-out blocks.
+        "held_out_ce_curves": {"blocks": len(curve_ds), **curves},
         "seconds": round(time.time() - start, 1),
         "kd_loss_peak_memory_mb": memory["fused"],
         "eager_loss_peak_memory_mb": memory["eager"],
@@ -259,19 +305,20 @@ def run_demo(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plot(
         {
-            "teacher (CE)": _losses(t_trainer),
-            "student, hard labels (CE)": _losses(b_trainer),
-            "student, distilled (total)": _losses(kd_trainer),
-            "student, distilled (CE part / alpha)": [
-                (s, v / config.alpha) for s, v in _losses(kd_trainer, "loss_ce")
-            ]
-            if config.alpha
-            else [],
+            f"teacher ({settings.teacher_steps} steps)": teacher_curve,
+            f"student distilled with fastkd (T={config.temperature}, alpha={config.alpha})": (
+                kd_curve
+            ),
+            "student on hard labels only (baseline)": baseline_curve,
         },
+        len(curve_ds),
         out / "loss_curves.png",
     )
     print_table(report)
-    print(f"wrote {out / 'report.json'}, {out / 'loss_curves.png'}, and the models in {out}")
+    print(
+        f"wrote {out}: report.json, loss_curves.png (held-out CE during training), tokenizer/, "
+        "teacher/, student_kd/ (model directories with their tokenizer; no checkpoints kept)"
+    )
     return report
 
 
