@@ -230,9 +230,11 @@ def _given(parser, argv: list[str], names: list[str]) -> dict:
     return {k: v for k, v in vars(namespace).items() if v is not None}
 
 
-def _file_tokens(settings: dict, known: set[str], source: str) -> tuple[list[str], dict]:
+def _file_tokens(parser, settings: dict, known: set[str], source: str) -> tuple[list[str], dict]:
     """A config file's settings as command-line tokens (so argparse converts and checks them
     as it does flags), and the settings tokens cannot express (null, empty lists)."""
+    # `key: true` for a flag whose value is optional (`--fsdp`, the bool flags) is the bare flag.
+    bare = {a.dest for a in parser._actions if a.nargs == "?" and a.const is True}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise _ParseError(f"{source}: unknown settings {unknown}")
@@ -242,8 +244,10 @@ def _file_tokens(settings: dict, known: set[str], source: str) -> tuple[list[str
         if value is None or value == []:
             direct[key] = value
             continue
-        values = value if isinstance(value, list) else [value]
         tokens.append(f"--{key}")
+        if value is True and key in bare:
+            continue
+        values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, bool):
                 tokens.append(str(v).lower())
@@ -294,7 +298,9 @@ def parse_distill_args(argv: list[str]):
         config_file = given.pop("config", None)
         if config_file is not None:
             try:
-                tokens, direct = _file_tokens(load_settings(config_file), set(names), config_file)
+                tokens, direct = _file_tokens(
+                    parser, load_settings(config_file), set(names), config_file
+                )
                 from_file = {**_given(parser, tokens, names), **direct}
             except _ParseError as e:
                 raise _ParseError(f"{config_file}: {e}") from None

@@ -1,4 +1,5 @@
-"""FSDP2 (``shard_distiller``, ``full_weights``): 2 CPU processes (gloo) against 1 process.
+"""FSDP2 (``shard_distiller``, ``full_weights``, ``DistillationTrainer`` with ``fsdp``): 2 CPU
+processes (gloo) against 1 process.
 
 One spawn of 2 workers runs every sharding layout; each worker trains its half of the batch
 and rank 0 writes the loss, the gradients and the parameters after one optimizer step,
@@ -8,16 +9,20 @@ with the same Distiller run unsharded on the whole batch in this process.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
+from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fastkd.training import DistillConfig, Distiller
+from fastkd.training import DistillationTrainer, DistillConfig, Distiller
 from fastkd.training.fsdp import full_weights, is_sharded, shard_distiller
+from fastkd.training.run import training_arguments
 
 VOCAB = 301  # odd: the heads' rows do not split evenly over 2 ranks
 LAYOUTS = {
@@ -44,10 +49,10 @@ def llama(seed: int, hidden: int, tied: bool) -> transformers.LlamaForCausalLM:
     )
 
 
-def make_distiller(layout: str) -> Distiller:
+def make_distiller(layout: str, config: DistillConfig | None = None) -> Distiller:
     tied = layout == "tied"
     # Teacher wider than the student: feature projections (root parameters) are trained too.
-    config = DistillConfig(feature_weight=0.5, feature_layers="key", alpha=0.3)
+    config = config or DistillConfig(feature_weight=0.5, feature_layers="key", alpha=0.3)
     return Distiller(llama(1, 32, tied), llama(0, 48, tied), config)
 
 
@@ -197,11 +202,68 @@ def test_shard_distiller_rejects_bad_input():
     with pytest.raises(RuntimeError, match="initialized process group"):
         shard_distiller(distiller)
     ema = Distiller(llama(1, 32, False), None, DistillConfig(self_distillation="ema"))
-    with pytest.raises(ValueError, match="shard_teachers=True"):
-        shard_distiller(ema, shard_teachers=False)
+    with pytest.raises(ValueError, match="'ema' is not supported with FSDP"):
+        shard_distiller(ema)
 
 
 def test_full_weights_leaves_unsharded_modules_alone():
     head = torch.nn.Linear(4, 3)
     with full_weights(head, None):
         assert not is_sharded(head) and head.weight.shape == (3, 4)
+
+
+def train(out, batch_size: int, **options) -> DistillationTrainer:
+    """3 AdamW steps of DistillationTrainer on 32 random sequences; the student saved in
+    ``out``."""
+    rows = torch.randint(0, VOCAB, (32, 12), generator=torch.Generator().manual_seed(3))
+    data = [{"input_ids": r} for r in rows]
+    args = training_arguments(
+        out, max_steps=3, batch_size=batch_size, learning_rate=1e-2, seed=0, **options
+    )
+    distiller = make_distiller("teacher", DistillConfig(alpha=0.3))
+    trainer = DistillationTrainer(distiller, args, train_dataset=data)
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+def trainer_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    trainer = train(out, 2, fsdp=True, save_strategy="no", disable_tqdm=True)
+    wrapped = trainer.model_wrapped
+    if rank == 0:  # what the Trainer trained: the sharded Distiller itself, not a DDP wrapper
+        torch.save(
+            {"wrapped": type(wrapped).__name__, "sharded": is_sharded(wrapped)}, f"{out}/seen.pt"
+        )
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_matches_one_process(tmp_path):
+    """DistillationTrainer with ``fsdp=True`` on 2 CPU processes shards the Distiller itself
+    (accelerate would fall back to DDP on CPU) and trains the same student as 1 process."""
+    port = 29600 + os.getpid() % 300
+    mp.spawn(trainer_worker, args=(port, str(tmp_path / "two")), nprocs=2)
+    seen = torch.load(tmp_path / "two" / "seen.pt")
+    assert seen == {"wrapped": "FSDPDistiller", "sharded": True}
+    train(tmp_path / "one", 4)
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_fsdp_errors(tmp_path):
+    with pytest.raises(ValueError, match="save_only_model=True or save_strategy='no'"):
+        train(tmp_path, 2, fsdp=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps > 1"):
+        train(tmp_path, 2, fsdp=True, save_strategy="no", gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="fsdp needs a distributed run"):
+        train(tmp_path, 2, fsdp=True, save_strategy="no")

@@ -170,9 +170,11 @@ def distill_args(root, out, batch_size):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(workspace, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one(workspace, tmp_path, sharding):
     """torchrun with 2 CPU processes (gloo), 2 blocks each, against 1 process with 4 blocks:
-    the same global batches, so the same trained student within float tolerance."""
+    the same global batches, so the same trained student within float tolerance; with DDP, and
+    with FSDP2 (every model sharded, checked to be really in use by the run's own log line)."""
     root, _ = workspace
     one = run_cli(*distill_args(root, tmp_path / "one", 4))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -183,15 +185,23 @@ def test_ddp_two_processes_match_one(workspace, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(29517 + (sharding == "fsdp")),
         "-m",
     ]
+    extra = ["--fsdp", "--save_only_model"] if sharding == "fsdp" else []
     two = run_cli(
-        *distill_args(root, tmp_path / "two", 2), launcher=torchrun, env={"OMP_NUM_THREADS": "1"}
+        *distill_args(root, tmp_path / "two", 2),
+        *extra,
+        launcher=torchrun,
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert ("FSDP2: the student and 1 teacher(s) sharded over 2" in two.stdout) == (
+        sharding == "fsdp"
+    )
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     ev1 = json.loads((tmp_path / "one" / "eval.json").read_text())

@@ -518,19 +518,17 @@ class Distiller(nn.Module):
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        student_state = None
+        student_state = projections = None
         if state_dict is not None:
-            student_state = {
-                k.removeprefix("student."): v
-                for k, v in state_dict.items()
-                if k.startswith("student.")
-            }
+            student_state = _under("student.", state_dict)
+            projections = _under("projections.", state_dict)
         if merge:
             copy.deepcopy(self.student).merge_and_unload().save_pretrained(directory)
         else:
             self.student.save_pretrained(directory, state_dict=student_state)
         if len(self.projections):
-            save_file(_contiguous(self.projections.state_dict()), str(directory / PROJECTIONS_FILE))
+            projections = projections or self.projections.state_dict()
+            save_file(_contiguous(projections), str(directory / PROJECTIONS_FILE))
         if self.distill_config.self_distillation == "ema":
             save_file(_contiguous(self.teachers[0].state_dict()), str(directory / EMA_TEACHER_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps(self.distill_config.to_dict(), indent=2))
@@ -588,6 +586,11 @@ class Distiller(nn.Module):
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _under(prefix: str, state: dict) -> dict:
+    """The entries of a module's state dict under one submodule, named as in that submodule."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _contiguous(state: dict) -> dict:

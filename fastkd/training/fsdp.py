@@ -144,10 +144,10 @@ def shard_distiller(
         raise TypeError(
             f"offload_policy must be an OffloadPolicy, got {type(offload_policy).__name__}"
         )
-    if distiller.distill_config.self_distillation == "ema" and not shard_teachers:
+    if distiller.distill_config.self_distillation == "ema":
         raise ValueError(
-            "self_distillation='ema' blends the student into the teacher parameter by "
-            "parameter: shard the teacher like the student (shard_teachers=True)"
+            "self_distillation='ema' is not supported with FSDP: its teacher is saved with "
+            "every checkpoint, which would need a gather on every process"
         )
     if mesh is None and not dist.is_initialized():
         raise RuntimeError(

@@ -23,6 +23,7 @@ from fastkd.training.data import (
 )
 from fastkd.training.distiller import Distiller
 from fastkd.training.evaluate import evaluate
+from fastkd.training.fsdp import is_sharded
 from fastkd.training.models import load_model, load_student
 from fastkd.training.trainer import DistillationTrainer
 
@@ -197,10 +198,18 @@ def distill(run: RunArguments, config: DistillConfig, args: transformers.Trainin
         eval_dataset=eval_ds,
         processing_class=student_tokenizer,
     )
+    if is_sharded(trainer.distiller) and trainer.is_world_process_zero():
+        print(
+            f"FSDP2: the student and {len(teachers)} teacher(s) sharded over "
+            f"{args.world_size} processes"
+        )
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == RESUME_LAST else resume)
     out = Path(args.output_dir)
     trainer.save_model(str(out), merge_adapters=run.merge_adapters)
+    if is_sharded(trainer.distiller):  # each process holds a shard: score the saved student
+        trainer.accelerator.wait_for_everyone()
+        student = load_model(out)
     metrics = evaluate(student, eval_ds, batch_size=args.per_device_eval_batch_size)
     if trainer.is_world_process_zero():
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))

@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, rotate_checkpoints
 
 from fastkd.training.distiller import DISTILL_PARTS, Distiller
+from fastkd.training.fsdp import is_sharded, shard_distiller
 
 # Where a checkpoint is written before it is renamed to checkpoint-N (docs/design.md §10).
 STAGING_DIR = ".checkpoint-staging"
@@ -67,6 +70,8 @@ class DistillationTrainer(transformers.Trainer):
                 "gathers a few statistics per sequence, never logits"
             )
         kwargs["compute_metrics"] = _metrics(distiller, kwargs.get("compute_metrics"))
+        if args.fsdp or is_sharded(distiller):
+            _shard(distiller, args)
         super().__init__(model=distiller, args=args, **kwargs)
         self.distiller = distiller
         self._parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -107,7 +112,11 @@ class DistillationTrainer(transformers.Trainer):
         student merged into its base model, loadable with ``from_pretrained``."""
         output_dir = output_dir or self.args.output_dir
         state_dict = None
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if is_sharded(self.distiller):  # gathered to full tensors on rank 0, on every rank
+            state_dict = get_model_state_dict(
+                self.distiller, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        elif self.is_fsdp_enabled or self.is_deepspeed_enabled:
             state_dict = self.accelerator.get_state_dict(self.model_wrapped)  # on every rank
         if self.args.should_save:
             self.distiller.save_pretrained(
@@ -160,6 +169,29 @@ class DistillationTrainer(transformers.Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def _shard(distiller: Distiller, args: transformers.TrainingArguments) -> None:
+    """FSDP2 with ``shard_distiller`` (docs/design.md §10), on every platform: accelerate
+    ignores an FSDP plugin on CPU and would wrap the model in DDP. The sharded Distiller
+    owns its gradient reduction, so it is marked as transformers marks a model sharded at
+    load time: the Trainer then neither wraps it in DDP nor lets accelerate shard it again."""
+    if args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "fsdp: gradient_accumulation_steps > 1 is not supported with a sharded Distiller"
+        )
+    if args.save_strategy != "no" and not args.save_only_model:
+        raise ValueError(
+            "fsdp: checkpoints of a sharded Distiller hold the student's weights only (no "
+            "sharded optimizer state to resume from): pass save_only_model=True or "
+            "save_strategy='no'"
+        )
+    if args.parallel_mode != transformers.training_args.ParallelMode.DISTRIBUTED:
+        raise ValueError("fsdp needs a distributed run: launch with torchrun --nproc_per_node N")
+    if not is_sharded(distiller):
+        offload = CPUOffloadPolicy() if args.fsdp_config.get("cpu_offload") else None
+        shard_distiller(distiller, offload_policy=offload)
+    distiller.is_distributed_loading_by_transformers = True
 
 
 def _publish(src: Path, dst: Path) -> None:
