@@ -121,3 +121,26 @@ def assert_close(actual, truth, baseline=None, *, atol=1e-6, rtol=1e-5, name="va
             f"actual {actual.reshape(-1)[i].item():.9g}, truth {truth.reshape(-1)[i].item():.9g}, "
             f"allowed error {allowed.reshape(-1)[i].item():.3g}"
         )
+
+
+def tiny_llama(tokenizer, hidden: int = 32, layers: int = 1, *, seed: int | None = None):
+    """A small Llama causal LM over ``tokenizer``'s vocabulary (blocks of up to 32 tokens),
+    seeded when ``seed`` is given; its ``.config`` serves as a student config file."""
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )

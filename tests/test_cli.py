@@ -10,6 +10,7 @@ import time
 
 import pytest
 import transformers
+from conftest import tiny_llama
 
 import fastkd
 from fastkd.cli import main, parse_distill_args
@@ -17,22 +18,6 @@ from fastkd.training import run as run_module
 from fastkd.training.data import stdlib_corpus, train_tokenizer
 
 BLOCK = 32
-
-
-def tiny_llama(tokenizer, hidden=32, layers=1) -> transformers.LlamaForCausalLM:
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=BLOCK,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-import transformers
+from conftest import tiny_llama
 from safetensors.torch import load_file
 
 from fastkd.training.data import stdlib_corpus, train_tokenizer
@@ -21,33 +21,18 @@ from fastkd.training.trainer import STAGING_DIR
 BLOCK = 32
 
 
-def llama_config(tokenizer, hidden: int, layers: int) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=BLOCK,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     text = stdlib_corpus(60_000)
     (root / "data.txt").write_text(text)
     tokenizer = train_tokenizer([text], 512)
-    torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(llama_config(tokenizer, 64, 2))
+    teacher = tiny_llama(tokenizer, 64, 2, seed=0)
     teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     # A student wide enough (~6M parameters, ~70 MB with its optimizer state) that writing a
     # checkpoint takes long enough to be caught in the middle.
-    student = llama_config(tokenizer, 512, 2).to_dict()
+    student = tiny_llama(tokenizer, 512, 2).config.to_dict()
     (root / "student.json").write_text(json.dumps(student))
     return root
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
+from conftest import tiny_llama
 from safetensors.torch import load_file
 
 from fastkd.cli import main
@@ -19,24 +20,6 @@ from fastkd.training.run import training_arguments
 from fastkd.training.trainer import EVAL_STATS
 
 BLOCK = 32
-
-
-def tiny_llama(tokenizer, hidden, layers, seed):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=BLOCK,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
 
 
 @pytest.fixture(scope="module")
