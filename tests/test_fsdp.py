@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from fastkd.training import DistillationTrainer, DistillConfig, Distiller
 from fastkd.training.fsdp import full_weights, is_sharded, shard_distiller
 from fastkd.training.run import training_arguments
+from fastkd.training.trainer import OPTIMIZER_SHARDS, STAGING_DIR
 
 VOCAB = 301  # odd: the heads' rows do not split evenly over 2 ranks
 LAYOUTS = {
@@ -49,11 +50,13 @@ def llama(seed: int, hidden: int, tied: bool) -> transformers.LlamaForCausalLM:
     )
 
 
-def make_distiller(layout: str, config: DistillConfig | None = None) -> Distiller:
+def make_distiller(
+    layout: str, config: DistillConfig | None = None, student_seed: int = 1
+) -> Distiller:
     tied = layout == "tied"
     # Teacher wider than the student: feature projections (root parameters) are trained too.
     config = config or DistillConfig(feature_weight=0.5, feature_layers="key", alpha=0.3)
-    return Distiller(llama(1, 32, tied), llama(0, 48, tied), config)
+    return Distiller(llama(student_seed, 32, tied), llama(0, 48, tied), config)
 
 
 def batch() -> torch.Tensor:
@@ -212,22 +215,29 @@ def test_full_weights_leaves_unsharded_modules_alone():
         assert not is_sharded(head) and head.weight.shape == (3, 4)
 
 
-def train(out, batch_size: int, **options) -> DistillationTrainer:
-    """3 AdamW steps of DistillationTrainer on 32 random sequences; the student saved in
-    ``out``."""
+def train(
+    out, batch_size: int, *, student_seed: int = 1, resume: str | None = None, **options
+) -> DistillationTrainer:
+    """4 AdamW steps of DistillationTrainer on 32 random sequences (resumed from the
+    checkpoint ``resume`` if given); the student saved in ``out``."""
     rows = torch.randint(0, VOCAB, (32, 12), generator=torch.Generator().manual_seed(3))
     data = [{"input_ids": r} for r in rows]
     args = training_arguments(
-        out, max_steps=3, batch_size=batch_size, learning_rate=1e-2, seed=0, **options
+        out, max_steps=4, batch_size=batch_size, learning_rate=1e-2, seed=0, **options
     )
-    distiller = make_distiller("teacher", DistillConfig(alpha=0.3))
+    distiller = make_distiller("teacher", DistillConfig(alpha=0.3), student_seed)
     trainer = DistillationTrainer(distiller, args, train_dataset=data)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     return trainer
 
 
-def trainer_worker(rank: int, port: int, out: str) -> None:
+def trainer_worker(rank: int, port: int, root: str) -> None:
+    """The sharded runs compared with 1 process (``root/one``, written before): 2 processes
+    × 2 sequences with a checkpoint at step 2 (``full``); a fresh Distiller, its student
+    initialized differently, resumed from that checkpoint (``resumed``); 2 processes × 1
+    sequence × 2 accumulated micro-batches (``accumulated``); and a sharded run asked to
+    resume the 1-process checkpoint."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
@@ -236,34 +246,92 @@ def trainer_worker(rank: int, port: int, out: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    trainer = train(out, 2, fsdp=True, save_strategy="no", disable_tqdm=True)
-    wrapped = trainer.model_wrapped
+    quiet = dict(fsdp=True, disable_tqdm=True)
+    wrapped = train(f"{root}/full", 2, save_steps=2, **quiet).model_wrapped
+    resumed = train(
+        f"{root}/resumed", 2, student_seed=7, resume=f"{root}/full/checkpoint-2", **quiet
+    )
+    train(f"{root}/accumulated", 1, gradient_accumulation_steps=2, save_strategy="no", **quiet)
+    try:
+        train(f"{root}/cross", 2, resume=f"{root}/one/checkpoint-2", save_strategy="no", **quiet)
+        cross = None
+    except ValueError as e:
+        cross = str(e)
     if rank == 0:  # what the Trainer trained: the sharded Distiller itself, not a DDP wrapper
-        torch.save(
-            {"wrapped": type(wrapped).__name__, "sharded": is_sharded(wrapped)}, f"{out}/seen.pt"
-        )
+        seen = {
+            "wrapped": type(wrapped).__name__,
+            "sharded": is_sharded(wrapped),
+            "resumed_step": resumed.state.global_step,
+            "cross": cross,
+        }
+        torch.save(seen, f"{root}/seen.pt")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_trainer")
+    train(root / "one", 4, save_steps=2)
+    port = 29600 + os.getpid() % 300
+    mp.spawn(trainer_worker, args=(port, str(root)), nprocs=2)
+    return root, torch.load(root / "seen.pt")
+
+
+def assert_same_student(a, b, rtol: float, atol: float) -> None:
+    a, b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.slow
-def test_trainer_fsdp_matches_one_process(tmp_path):
+def test_trainer_fsdp_matches_one_process(trainer_runs):
     """DistillationTrainer with ``fsdp=True`` on 2 CPU processes shards the Distiller itself
     (accelerate would fall back to DDP on CPU) and trains the same student as 1 process."""
-    port = 29600 + os.getpid() % 300
-    mp.spawn(trainer_worker, args=(port, str(tmp_path / "two")), nprocs=2)
-    seen = torch.load(tmp_path / "two" / "seen.pt")
-    assert seen == {"wrapped": "FSDPDistiller", "sharded": True}
-    train(tmp_path / "one", 4)
-    a = load_file(tmp_path / "one" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    root, seen = trainer_runs
+    assert (seen["wrapped"], seen["sharded"]) == ("FSDPDistiller", True)
+    assert_same_student(root / "one", root / "full", rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_resumes_to_the_uninterrupted_run(trainer_runs):
+    root, seen = trainer_runs
+    checkpoint = root / "full" / "checkpoint-2"
+    # The whole state to resume: the gathered student, each process's optimizer shard (DCP),
+    # the schedule, each process's RNG state, the trainer state; published atomically.
+    assert (checkpoint / OPTIMIZER_SHARDS / ".metadata").is_file()
+    assert len(list((checkpoint / OPTIMIZER_SHARDS).glob("*.distcp"))) == 2
+    for name in ("model.safetensors", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
+        assert (checkpoint / name).is_file(), name
+    assert not (root / "full" / STAGING_DIR).exists()
+    assert seen["resumed_step"] == 4
+    # Weights, optimizer moments and learning rate all came back: the resumed student (from
+    # another initialization) ends where the uninterrupted run does.
+    assert_same_student(root / "full", root / "resumed", rtol=1e-6, atol=1e-7)
+    assert_same_student(root / "one", root / "resumed", rtol=1e-4, atol=1e-6)
+    at_step_2 = load_file(checkpoint / "model.safetensors")["lm_head.weight"]
+    assert not torch.allclose(
+        at_step_2, load_file(root / "full" / "model.safetensors")["lm_head.weight"]
+    )
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_accumulates_gradients(trainer_runs):
+    """2 processes × 1 sequence × 2 accumulated micro-batches = 1 process × 4 sequences: the
+    micro-batch gradients stay unsharded until the last one reduce-scatters their sum."""
+    root, _ = trainer_runs
+    assert_same_student(root / "one", root / "accumulated", rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_checkpoints_do_not_mix(trainer_runs, tmp_path):
+    """A sharded run cannot load an unsharded run's optimizer state, nor the reverse: a
+    clear error, not a crash in the middle of the load."""
+    root, seen = trainer_runs
+    assert "written by an unsharded run" in seen["cross"]
+    with pytest.raises(ValueError, match="written by a sharded"):
+        train(tmp_path, 4, resume=str(root / "full" / "checkpoint-2"), save_strategy="no")
 
 
 def test_trainer_fsdp_errors(tmp_path):
-    with pytest.raises(ValueError, match="save_only_model=True or save_strategy='no'"):
-        train(tmp_path, 2, fsdp=True)
-    with pytest.raises(ValueError, match="gradient_accumulation_steps > 1"):
-        train(tmp_path, 2, fsdp=True, save_strategy="no", gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="fsdp needs a distributed run"):
         train(tmp_path, 2, fsdp=True, save_strategy="no")

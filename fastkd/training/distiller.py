@@ -538,31 +538,64 @@ class Distiller(nn.Module):
     def load_weights(self, directory: str | Path) -> None:
         """Load what ``save_pretrained`` wrote (resuming from a checkpoint): a peft student's
         adapter, or a plain student's weights. A merged save cannot resume a peft student (its
-        adapter is no longer separate)."""
+        adapter is no longer separate). A Distiller sharded by ``shard_distiller`` loads on
+        every process at once (call it on all): process 0 reads the files, and each process
+        receives its shards."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        if is_sharded(self):
+            self._load_sharded(directory)
+            return
         if is_peft(self.student):
             self._load_adapter(directory)
         else:
-            files = sorted(directory.glob("model*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no model*.safetensors in {directory}")
             state = {}
-            for f in files:
+            for f in _student_files(directory):
                 state.update(load_file(str(f)))
             result = self.student.load_state_dict(state, strict=False)
             tied = set(getattr(self.student, "all_tied_weights_keys", {}) or {})
             missing = [k for k in result.missing_keys if k not in tied]
-            if missing or result.unexpected_keys:
-                raise RuntimeError(
-                    f"{directory}: student weights do not match (missing {missing}, "
-                    f"unexpected {result.unexpected_keys})"
-                )
+            _check_names(directory, missing, result.unexpected_keys)
         if len(self.projections):
             self.projections.load_state_dict(load_file(str(directory / PROJECTIONS_FILE)))
         if self.distill_config.self_distillation == "ema":
             self.teachers[0].load_state_dict(load_file(str(directory / EMA_TEACHER_FILE)))
+
+    def _load_sharded(self, directory: Path) -> None:
+        """``load_weights`` for a sharded Distiller: every process checks the saved names (the
+        files' headers), process 0 alone holds the full tensors (the student once, in CPU
+        memory, as when saving), and ``set_model_state_dict`` sends each process its shards."""
+        import torch.distributed as dist
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if is_peft(self.student):
+            raise ValueError(
+                f"{directory}: a sharded peft student cannot resume (its adapter's names differ "
+                "from the sharded model's); resume without fsdp"
+            )
+        files = [("student.", f) for f in _student_files(directory)]
+        if len(self.projections):
+            files.append(("projections.", directory / PROJECTIONS_FILE))
+        names = set()
+        for prefix, f in files:
+            with safe_open(str(f), "pt") as reader:  # the header only
+                saved = reader.keys()
+            names.update(prefix + k for k in saved)
+        tied = getattr(self.student, "all_tied_weights_keys", None) or {}
+        tied = {f"student.{target}": f"student.{source}" for target, source in tied.items()}
+        expected = set(self.state_dict())
+        _check_names(directory, sorted(expected - names - set(tied)), sorted(names - expected))
+        state = {}
+        if dist.get_rank() == 0:
+            for prefix, f in files:
+                state.update({prefix + k: v for k, v in load_file(str(f)).items()})
+            for target, source in tied.items():
+                state.setdefault(target, state[source])
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self, state, options=options)
 
     def _load_adapter(self, directory: Path) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -586,6 +619,21 @@ class Distiller(nn.Module):
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _student_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {directory}")
+    return files
+
+
+def _check_names(directory: Path, missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{directory}: student weights do not match (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
 
 
 def _under(prefix: str, state: dict) -> dict:

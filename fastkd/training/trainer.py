@@ -7,6 +7,7 @@ Trainer's (accelerate's).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -16,10 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from accelerate.optimizer import AcceleratedOptimizer
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import CPUOffloadPolicy
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import (
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, rotate_checkpoints
 
 from fastkd.training.distiller import DISTILL_PARTS, Distiller
@@ -27,6 +40,9 @@ from fastkd.training.fsdp import is_sharded, shard_distiller
 
 # Where a checkpoint is written before it is renamed to checkpoint-N (docs/design.md §10).
 STAGING_DIR = ".checkpoint-staging"
+# The optimizer state of a sharded run in a checkpoint: one shard per process, written with
+# torch.distributed.checkpoint (docs/design.md §10).
+OPTIMIZER_SHARDS = "optimizer_shards"
 # Columns of the per-sequence statistics that evaluation gathers instead of logits.
 EVAL_STATS = ("tokens", "nll", "correct", *DISTILL_PARTS)
 
@@ -70,9 +86,19 @@ class DistillationTrainer(transformers.Trainer):
                 "gathers a few statistics per sequence, never logits"
             )
         kwargs["compute_metrics"] = _metrics(distiller, kwargs.get("compute_metrics"))
-        if args.fsdp or is_sharded(distiller):
+        sharded = bool(args.fsdp) or is_sharded(distiller)
+        if sharded:
             _shard(distiller, args)
-        super().__init__(model=distiller, args=args, **kwargs)
+        # The Trainer refuses to checkpoint the optimizer of a model marked as sharded (it
+        # cannot gather that state); _save_optimizer_and_scheduler below saves it, so that
+        # check, the only use of save_only_model in the Trainer's __init__ without an
+        # accelerate FSDP plugin, is passed over.
+        weights_only = args.save_only_model
+        args.save_only_model = weights_only or (sharded and args.save_strategy != "no")
+        try:
+            super().__init__(model=distiller, args=args, **kwargs)
+        finally:
+            args.save_only_model = weights_only
         self.distiller = distiller
         self._parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._staging: Path | None = None
@@ -129,11 +155,60 @@ class DistillationTrainer(transformers.Trainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    # The two private methods below have no public counterpart: loading a checkpoint into the
-    # model, and where the Trainer writes a checkpoint.
+    # The private methods below have no public counterpart: loading a checkpoint into the
+    # model, where the Trainer writes a checkpoint, the optimizer state of a sharded run, and
+    # gradient accumulation with it.
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.distiller.load_weights(resume_from_checkpoint)
+        self.distiller.load_weights(resume_from_checkpoint)  # a sharded one on every process
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not is_sharded(self.distiller):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Every process writes its own shard of the optimizer state, nothing is gathered.
+        optimizer = _unwrap(self.optimizer)
+        state = {"optimizer": get_optimizer_state_dict(self.distiller, optimizer)}
+        dcp.save(state, checkpoint_id=os.path.join(output_dir, OPTIMIZER_SHARDS))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        shards = Path(checkpoint, OPTIMIZER_SHARDS)
+        if not is_sharded(self.distiller):
+            if shards.exists():
+                raise ValueError(
+                    f"resume_from_checkpoint {checkpoint}: written by a sharded (fsdp) run, whose "
+                    "optimizer state only a sharded run can load"
+                )
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if not shards.is_dir():
+            if Path(checkpoint, OPTIMIZER_NAME).is_file():
+                raise ValueError(
+                    f"resume_from_checkpoint {checkpoint}: written by an unsharded run, whose "
+                    f"optimizer state ({OPTIMIZER_NAME}) a sharded (fsdp) run cannot load"
+                )
+            return  # weights only (save_only_model): a fresh optimizer, as the Trainer does
+        # Each process reads its shards (DCP reshards if the number of processes changed).
+        optimizer = _unwrap(self.optimizer)
+        state = {"optimizer": get_optimizer_state_dict(self.distiller, optimizer)}
+        dcp.load(state, checkpoint_id=str(shards))
+        set_optimizer_state_dict(self.distiller, optimizer, state["optimizer"])
+        scheduler = torch.load(Path(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """The Trainer's no-sync for a model sharded at load time reads its config's
+        ``distributed_config``, which a Distiller sharded by ``shard_distiller`` lacks: the
+        micro-batches but the last keep their gradients unsharded (summed), the last one
+        reduce-scatters the sum."""
+        self.distiller.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.distiller.set_requires_gradient_sync(True)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -176,22 +251,18 @@ def _shard(distiller: Distiller, args: transformers.TrainingArguments) -> None:
     ignores an FSDP plugin on CPU and would wrap the model in DDP. The sharded Distiller
     owns its gradient reduction, so it is marked as transformers marks a model sharded at
     load time: the Trainer then neither wraps it in DDP nor lets accelerate shard it again."""
-    if args.gradient_accumulation_steps > 1:
-        raise ValueError(
-            "fsdp: gradient_accumulation_steps > 1 is not supported with a sharded Distiller"
-        )
-    if args.save_strategy != "no" and not args.save_only_model:
-        raise ValueError(
-            "fsdp: checkpoints of a sharded Distiller hold the student's weights only (no "
-            "sharded optimizer state to resume from): pass save_only_model=True or "
-            "save_strategy='no'"
-        )
     if args.parallel_mode != transformers.training_args.ParallelMode.DISTRIBUTED:
         raise ValueError("fsdp needs a distributed run: launch with torchrun --nproc_per_node N")
     if not is_sharded(distiller):
         offload = CPUOffloadPolicy() if args.fsdp_config.get("cpu_offload") else None
         shard_distiller(distiller, offload_policy=offload)
     distiller.is_distributed_loading_by_transformers = True
+
+
+def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper, which the DCP state-dict functions
+    step (to create empty state) and load without the wrapper's device moves."""
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
 
 
 def _publish(src: Path, dst: Path) -> None:
