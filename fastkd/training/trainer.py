@@ -1,8 +1,9 @@
 """``DistillationTrainer``: ``transformers.Trainer`` driving a ``Distiller``.
 
-Only the loss, the logging and evaluation of its parts, the save/load format and atomic
-checkpoints are new here; resume, gradient accumulation, mixed precision and DDP are the
-Trainer's (accelerate's).
+Only the loss, the logging and evaluation of its parts, the save/load format, atomic
+checkpoints and FSDP2 (sharding, its optimizer checkpoints, deferred gradient reduction) are
+new here; resume, gradient accumulation, mixed precision and DDP are the Trainer's
+(accelerate's).
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class DistillationTrainer(transformers.Trainer):
     checkpoint is written into ``.checkpoint-staging`` under the output directory, synced to
     disk and renamed to ``checkpoint-N`` only when complete, so a run killed at any moment
     resumes from its newest complete checkpoint.
+
+    With ``args.fsdp`` (or a Distiller already sharded by ``shard_distiller``) the Distiller is
+    sharded with FSDP2 on every platform (docs/design.md §10). Its checkpoints hold the
+    gathered student, each process's shard of the optimizer state (``optimizer_shards``,
+    written with ``torch.distributed.checkpoint``), the schedule, RNG and trainer state, so a
+    sharded run resumes; accumulated micro-batches are reduce-scattered once, after the last.
     """
 
     def __init__(self, distiller: Distiller, args: transformers.TrainingArguments, **kwargs):
