@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -237,7 +237,7 @@ def trainer_worker(rank: int, port: int, root: str) -> None:
     × 2 sequences with a checkpoint at step 2 (``full``); a fresh Distiller, its student
     initialized differently, resumed from that checkpoint (``resumed``); 2 processes × 1
     sequence × 2 accumulated micro-batches (``accumulated``); and a sharded run asked to
-    resume the 1-process checkpoint."""
+    resume the 1-process checkpoint, and to load a student that lacks a weight."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
@@ -257,12 +257,24 @@ def trainer_worker(rank: int, port: int, root: str) -> None:
         cross = None
     except ValueError as e:
         cross = str(e)
+    if rank == 0:
+        state = load_file(f"{root}/full/model.safetensors")
+        del state["model.norm.weight"]
+        os.makedirs(f"{root}/bad")
+        save_file(state, f"{root}/bad/model.safetensors")
+    dist.barrier()
+    try:
+        resumed.distiller.load_weights(f"{root}/bad")
+        mismatch = None
+    except RuntimeError as e:
+        mismatch = str(e)
     if rank == 0:  # what the Trainer trained: the sharded Distiller itself, not a DDP wrapper
         seen = {
             "wrapped": type(wrapped).__name__,
             "sharded": is_sharded(wrapped),
             "resumed_step": resumed.state.global_step,
             "cross": cross,
+            "mismatch": mismatch,
         }
         torch.save(seen, f"{root}/seen.pt")
 
@@ -324,10 +336,11 @@ def test_trainer_fsdp_accumulates_gradients(trainer_runs):
 
 @pytest.mark.slow
 def test_trainer_fsdp_checkpoints_do_not_mix(trainer_runs, tmp_path):
-    """A sharded run cannot load an unsharded run's optimizer state, nor the reverse: a
-    clear error, not a crash in the middle of the load."""
+    """A sharded run cannot load an unsharded run's optimizer state, nor the reverse, nor
+    weights that do not match its student: a clear error on every process, before any load."""
     root, seen = trainer_runs
     assert "written by an unsharded run" in seen["cross"]
+    assert "missing ['student.model.norm.weight'], unexpected []" in seen["mismatch"]
     with pytest.raises(ValueError, match="written by a sharded"):
         train(tmp_path, 4, resume=str(root / "full" / "checkpoint-2"), save_strategy="no")
 
