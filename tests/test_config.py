@@ -56,7 +56,7 @@ def test_the_fsdp_example_parses():
     """`fsdp: true` in a file is the bare `--fsdp` flag (its value is optional)."""
     run, config, args = parse_distill_args(["--config", str(EXAMPLE.with_name("fsdp.yaml"))])
     assert run.teacher == ["models/teacher-1b"] and config.alpha == 0.3
-    assert args.fsdp and args.save_only_model and args.gradient_accumulation_steps == 1
+    assert args.fsdp and not args.save_only_model and args.gradient_accumulation_steps == 2
     assert args.fsdp_config["cpu_offload"] is False
     _, _, args = parse_distill_args([*REQUIRED, "--fsdp"])
     assert args.fsdp
