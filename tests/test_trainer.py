@@ -37,10 +37,12 @@ def workspace(tmp_path_factory):
     return root, tokenizer
 
 
-def make_trainer(root, tokenizer, out, *, steps=6, save_steps=None, callbacks=None, config=None):
+def make_trainer(
+    root, tokenizer, out, *, steps=6, save_steps=None, callbacks=None, config=None, **options
+):
     teacher = transformers.AutoModelForCausalLM.from_pretrained(root / "teacher")
     student = tiny_llama(tokenizer, 32, 2, seed=1)
-    train_ds, _ = load_dataset(root / "data.txt", tokenizer, BLOCK, 0.1, 0)
+    train_ds, eval_ds = load_dataset(root / "data.txt", tokenizer, BLOCK, 0.1, 0)
     args = training_arguments(
         out,
         max_steps=steps,
@@ -49,12 +51,14 @@ def make_trainer(root, tokenizer, out, *, steps=6, save_steps=None, callbacks=No
         seed=0,
         save_steps=save_steps,
         logging_steps=2,
+        **options,
     )
     config = config or DistillConfig(feature_weight=0.5, feature_layers="key")
     return DistillationTrainer(
         Distiller(student, teacher, config),
         args,
         train_dataset=train_ds,
+        eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -120,6 +124,29 @@ def test_resume_matches_an_uninterrupted_run(workspace, tmp_path):
     # The uninterrupted run moved away from the starting point, so the match is not trivial.
     start = tiny_llama(tokenizer, 32, 2, seed=1).state_dict()
     assert not torch.allclose(a["student.lm_head.weight"], start["lm_head.weight"])
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(workspace, tmp_path):
+    root, tokenizer = workspace
+    trainer = make_trainer(
+        root,
+        tokenizer,
+        tmp_path / "run",
+        steps=4,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="perplexity",
+        greater_is_better=True,  # the worse checkpoint, so that it is not simply the last
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best == str(tmp_path / "run" / "checkpoint-2")
+    saved = load_file(os.path.join(best, "model.safetensors"))
+    for name, value in trainer.distiller.student.state_dict().items():
+        if name in saved:
+            assert torch.equal(value, saved[name]), name
 
 
 def run_cli(*args, env=None, launcher=None):

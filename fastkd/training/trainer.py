@@ -162,12 +162,15 @@ class DistillationTrainer(transformers.Trainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    # The private methods below have no public counterpart: loading a checkpoint into the
-    # model, where the Trainer writes a checkpoint, the optimizer state of a sharded run, and
-    # gradient accumulation with it.
+    # The private methods below have no public counterpart: loading a checkpoint (to resume,
+    # or the best one at the end) into the model, where the Trainer writes a checkpoint, the
+    # optimizer state of a sharded run, and gradient accumulation with it.
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.distiller.load_weights(resume_from_checkpoint)  # a sharded one on every process
+
+    def _load_best_model(self) -> None:  # load_best_model_at_end
+        self.distiller.load_weights(self.state.best_model_checkpoint)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not is_sharded(self.distiller):
