@@ -92,4 +92,6 @@ def test_demo_rejects_bad_arguments_before_any_work(tmp_path):
             run_demo(out, settings=TINY)
     with pytest.raises(TypeError, match="seed must be an int"):
         run_demo(tmp_path / "demo", seed="1", settings=TINY)
+    with pytest.raises(TypeError, match="settings must be a DemoSettings"):
+        run_demo(tmp_path / "demo", settings=dict(TINY.__dict__))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -4,7 +4,9 @@ Corpus: the Python standard library's own source files. A byte-level BPE tokeniz
 on it, then a small Llama-style teacher, then a smaller student is distilled from the teacher
 with fastkd while the same student (same initialisation, same batches, same steps) is trained
 on the hard labels alone: the classic soft-vs-hard-label experiment. Everything is evaluated on
-held-out blocks, and the fused loss's peak memory is measured beside the eager loss's.
+held-out blocks, during training too (the plotted curves: every model's hard-label CE, so the
+students' curves compare like with like), and the fused loss's peak memory is measured beside
+the eager loss's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from fastkd.training.trainer import DistillationTrainer
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """Data, model sizes and training budgets of one demo run (``DEFAULT``, ``QUICK``)."""
+
     corpus_bytes: int
     vocab_size: int
     block_size: int
@@ -201,6 +205,8 @@ def run_demo(
     out = Path(out)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if settings is not None and not isinstance(settings, DemoSettings):
+        raise TypeError(f"settings must be a DemoSettings, got {type(settings).__name__}")
     check_output_dir(out)
     settings = settings or (QUICK if quick else DEFAULT)
     start = time.time()
