@@ -23,7 +23,7 @@ import transformers
 
 from fastkd.memory import peak_memory_bytes
 from fastkd.training.config import DistillConfig
-from fastkd.training.data import BlockDataset, pack, split_blocks, stdlib_corpus, train_tokenizer
+from fastkd.training.data import BlockDataset, held_out_split, stdlib_corpus, train_tokenizer
 from fastkd.training.distiller import Distiller
 from fastkd.training.evaluate import evaluate
 from fastkd.training.run import training_arguments
@@ -221,13 +221,15 @@ def run_demo(
     step(2, f"tokenizer: byte-level BPE, {settings.vocab_size} tokens")
     tokenizer = train_tokenizer([corpus], settings.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
-    ids, labels = pack([{"text": corpus}], tokenizer, settings.block_size)
-    train, held_out = split_blocks(ids, labels, settings.eval_fraction, seed)
-    train_ds, eval_ds = BlockDataset(*train), BlockDataset(*held_out)
-    curve_ds = BlockDataset(*(t[: settings.curve_blocks] for t in held_out))
+    train_ds, eval_ds = held_out_split(
+        [{"text": corpus}], tokenizer, settings.block_size, settings.eval_fraction, seed
+    )
+    curve_ds = BlockDataset(
+        eval_ds.input_ids[: settings.curve_blocks], eval_ds.labels[: settings.curve_blocks]
+    )
     print(
-        f"    {ids.numel():,} tokens: {len(train_ds)} training and {len(eval_ds)} held-out "
-        f"blocks of {settings.block_size}"
+        f"    {len(train_ds)} training and {len(eval_ds)} held-out blocks of "
+        f"{settings.block_size} tokens"
     )
 
     # The Trainer's output directory only: _HeldOutCE vetoes its checkpoints, and the
