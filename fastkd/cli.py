@@ -56,10 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastkd demo", description=COMMANDS["demo"])
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="fastkd demo",
+        description=COMMANDS["demo"] + " with a hard-label baseline (about 7 minutes on 2 CPU "
+        "cores; --quick: about 3)",
+        epilog="Writes into --out: report.json (held-out perplexity and accuracy of the teacher, "
+        "the distilled student and the baseline, their held-out CE curves, peak memory, time, "
+        "settings), loss_curves.png (each model's held-out hard-label CE during training), "
+        "tokenizer/, teacher/ and student_kd/ (model directories with their tokenizer). No "
+        "training checkpoints are kept.",
+    )
+    parser.add_argument(
+        "--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run (about 3 minutes) in which distillation still beats the baseline",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the held-out split, the initialisations and the batches; the same seed "
+        "gives the same numbers (default 0)",
+    )
     return parser
 
 
