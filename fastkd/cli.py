@@ -133,12 +133,18 @@ def _eval(argv: list[str]) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def _bench(argv: list[str]) -> None:
-    from fastkd.bench.run import add_arguments, run
+def bench_parser() -> argparse.ArgumentParser:
+    from fastkd.bench.run import add_arguments
 
     parser = argparse.ArgumentParser(prog="fastkd bench", description=COMMANDS["bench"])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    return parser
+
+
+def _bench(argv: list[str]) -> None:
+    from fastkd.bench.run import run
+
+    run(bench_parser().parse_args(argv))
 
 
 def _check_gpu(argv: list[str]) -> int:

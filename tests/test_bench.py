@@ -13,7 +13,7 @@ import torch
 
 from fastkd.bench.harness import Case, Runner, Unavailable, runner_for, time_side_by_side
 from fastkd.bench.run import cases, run
-from fastkd.cli import build_parser
+from fastkd.cli import bench_parser
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LINEAR = {"op": "fused_linear_kd_loss", "hidden": 16, "teacher_hidden": 24}
@@ -21,9 +21,7 @@ LINEAR = {"op": "fused_linear_kd_loss", "hidden": 16, "teacher_hidden": 24}
 
 @pytest.mark.slow
 def test_quick_suite(tmp_path):
-    args = build_parser().parse_args(
-        ["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]
-    )
+    args = bench_parser().parse_args(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     written = run(args)
     for op in ("kd_loss", "fused_linear_kd_loss", "train_step"):
         path = tmp_path / f"{op}-quick.json"
@@ -56,8 +54,8 @@ def test_quick_suite(tmp_path):
 
 
 def test_time_budget_skips_cases(tmp_path, capsys):
-    args = build_parser().parse_args(
-        ["bench", "--device", "cpu", "--out", str(tmp_path), "--time-budget", "0"]
+    args = bench_parser().parse_args(
+        ["--device", "cpu", "--out", str(tmp_path), "--time-budget", "0"]
     )
     assert run(args) == []
     out = capsys.readouterr().out
