@@ -54,6 +54,14 @@ def check_per_token(
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
 
 
+def check_label_dtype(labels: object) -> None:
+    check_tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        # Narrower types cannot hold every class id of a real vocabulary, and uint8 cannot
+        # hold the default ignore_index (-100).
+        raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+
+
 def check_labels(
     labels: torch.Tensor | None,
     batch_shape: torch.Size,
@@ -75,9 +83,7 @@ def check_labels(
                 "(alpha is the CE weight: pass alpha=0.0 for a pure distillation loss)"
             )
         return None
-    check_tensor("labels", labels)
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"labels must be an integer tensor (int64 or int32), got {labels.dtype}")
+    check_label_dtype(labels)
     check_per_token("labels", labels, batch_shape, device)
     labels = labels.reshape(-1).to(torch.int64).contiguous()
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -92,15 +98,39 @@ def check_labels(
 
 
 def check_token_weights(
-    token_weights: torch.Tensor | None, batch_shape: torch.Size, device: torch.device
+    token_weights: torch.Tensor | None,
+    batch_shape: torch.Size,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor | None:
+    """Token weights as a contiguous [N] tensor of the compute ``dtype`` (or None), still
+    differentiable. They must be finite and >= 0: checked on the CPU; on other devices, and
+    under torch.compile, where a check would synchronise with the host or break the graph, a
+    negative weight becomes NaN instead, so the loss is NaN (as NaN and inf weights make it)."""
     if token_weights is None:
         return None
     check_tensor("token_weights", token_weights)
     if not token_weights.is_floating_point():
         raise TypeError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
     check_per_token("token_weights", token_weights, batch_shape, device)
-    return token_weights.reshape(-1).to(torch.float32).contiguous()
+    weights = token_weights.reshape(-1).to(dtype).contiguous()
+    if weights.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ~(torch.isfinite(weights) & (weights >= 0))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"token_weights must be finite and >= 0; token_weights[{i}] (flattened) is "
+                f"{float(weights[i])}"
+            )
+        return weights
+    return torch.where(weights >= 0, weights, torch.nan)
+
+
+def row_mask(weights: torch.Tensor | None) -> torch.Tensor | None:
+    """What the kernels get as their weights: 1 for a token whose weight is not 0, else 0.
+    The losses multiply the kernels' row losses by the weights themselves, so that autograd
+    (or, for the fused linear loss, its own backward) differentiates them (docs/design.md §5)."""
+    return None if weights is None else (weights != 0).to(torch.float32)
 
 
 def row_scale(

@@ -81,14 +81,17 @@ class LossOptions:
     kd_weight: float | None = field(
         default=None,
         metadata={
-            "doc": "weight >= 0 of the T^2-scaled distillation term, instead of alpha (with or "
-            "without ce_weight; a missing one is 0)."
+            "doc": "weight of the T^2-scaled distillation term, instead of alpha (with or "
+            "without ce_weight; a missing one is 0): any finite value >= 0, not bounded by 1 "
+            "(the weights are plain multipliers, kd_weight=2 doubles the term)."
         },
     )
     ce_weight: float | None = field(
         default=None,
         metadata={
-            "doc": "weight >= 0 of the CE term, instead of alpha (a missing kd_weight is 0)."
+            "doc": "weight of the CE term, instead of alpha (a missing kd_weight is 0): any finite "
+            "value >= 0. A lone 0 (kd_weight=0 or ce_weight=0 without the other) is an error: "
+            "both weights would be 0; give both explicitly for a loss that is 0."
         },
     )
     divergence: Divergence = field(
@@ -163,6 +166,17 @@ class LossOptions:
                 value = getattr(self, name)
                 if value is not None and _number(name, value) < 0:
                     raise ValueError(f"{name} must be >= 0, got {value}")
+            if (self.kd_weight is None) != (self.ce_weight is None):
+                name, other = (
+                    ("kd_weight", "ce_weight")
+                    if self.ce_weight is None
+                    else ("ce_weight", "kd_weight")
+                )
+                if getattr(self, name) == 0:
+                    raise ValueError(
+                        f"{name}=0 without {other} makes the loss 0 (a missing weight is 0): "
+                        f"pass {other} too (e.g. {name}=0, {other}=1)"
+                    )
         elif self.alpha is not None and not 0.0 <= _number("alpha", self.alpha) <= 1.0:
             raise ValueError(f"alpha (the CE weight) must be in [0, 1], got {self.alpha}")
         _choice("divergence", self.divergence, DIVERGENCES)

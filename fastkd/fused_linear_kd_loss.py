@@ -24,7 +24,7 @@ import torch
 from fastkd import _inputs
 from fastkd._options import KernelArgs, LossOptions, takes_loss_options
 from fastkd.backends import Backend, get_backend, select_backend
-from fastkd.kd_loss import LossModule
+from fastkd.kd_loss import LossModule, check_first_order, graph_kept
 from fastkd.reference import compute_dtype, transform_logits
 
 MiB = 1 << 20
@@ -174,44 +174,83 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
 class FusedLinearKDFunction(torch.autograd.Function):
     """Autograd of the chunked fused linear KD loss (every backend; the row kernel is the
     backend's). Returns the loss reduced as ``plan.reduction`` says (per-row for ``none``)
-    and, not differentiable, its CE contribution reduced the same way."""
+    and, not differentiable, its CE contribution reduced the same way.
+
+    The kernels get the 0/1 mask of the weighted tokens (``row_mask``) and return the rows'
+    unweighted losses u; the token weights w multiply them here, and each row's gradient
+    scale is the reduction's scale times w. So the gradient with respect to w is known too:
+    ``sum``: u, ``batchmean``: u / N, ``mean``: (u - L [counted]) / sum(w [counted]), with L
+    the loss; ``none``: u (times grad_output in each case)."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights, plan: _Plan):
-        tensors = (h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights)
+        tensors = (h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, _inputs.row_mask(weights))
         ctx.plan = plan
         needs = ctx.needs_input_grad[:3]
         # The logits must be fp32 GEMM outputs, also inside an autocast region.
         with torch.autocast(h_s.device.type, enabled=False):
             if plan.reduction == "none":
-                loss, ce, _ = _chunk_loop(plan, tensors, None, needs)
-                ctx.save_for_backward(*tensors)
+                rows, ce, _ = _chunk_loop(plan, tensors, None, needs)
+                ctx.save_for_backward(*tensors[:-1], weights)
+                loss, ce = _weigh(rows, weights), _weigh(ce, weights)
             else:
-                scale = _inputs.row_scale(
-                    plan.reduction,
-                    h_s.shape[0],
-                    labels,
-                    weights,
-                    plan.args.ignore_index,
-                    compute_dtype(h_s.dtype),
-                    h_s.device,
-                )
-                grad_scale = scale.expand(h_s.shape[0]) if any(needs) else None
-                loss, ce, grads = _chunk_loop(plan, tensors, grad_scale, needs)
-                ctx.save_for_backward(*grads)
-                loss, ce = loss.sum() * scale, ce.sum() * scale
+                loss, ce = FusedLinearKDFunction._forward_scalar(ctx, tensors, weights)
         ctx.mark_non_differentiable(ce)
         return loss, ce
 
     @staticmethod
+    def _forward_scalar(ctx, tensors, weights):
+        """Forward of a scalar reduction: the loss, its CE part and, saved for backward, the
+        gradients for a grad_output of 1."""
+        plan, needs = ctx.plan, ctx.needs_input_grad[:3]
+        h_s, labels = tensors[0], tensors[7]
+        scale = _inputs.row_scale(
+            plan.reduction,
+            h_s.shape[0],
+            labels,
+            weights,
+            plan.args.ignore_index,
+            compute_dtype(h_s.dtype),
+            h_s.device,
+        )
+        row_grad = scale.expand(h_s.shape[0]) if weights is None else scale * weights
+        rows, ce, grads = _chunk_loop(plan, tensors, row_grad if any(needs) else None, needs)
+        loss = _weigh(rows, weights).sum() * scale
+        grad_weights = None
+        if ctx.needs_input_grad[8]:
+            grad_weights = scale * rows
+            if plan.reduction == "mean":  # the denominator sum(w [counted]) depends on w
+                counted = 1.0 if labels is None else labels != plan.args.ignore_index
+                grad_weights = grad_weights - scale * loss * counted
+        ctx.save_for_backward(*grads, grad_weights)
+        return loss, _weigh(ce, weights).sum() * scale
+
+    @staticmethod
     def backward(ctx, grad_out, _grad_ce):
-        if ctx.plan.reduction == "none":
-            needs = ctx.needs_input_grad[:3]
+        check_first_order("fused_linear_kd_loss")
+        needs = ctx.needs_input_grad[:3]
+        if ctx.plan.reduction == "none":  # the rows' scales are known now: recompute
+            *tensors, weights = ctx.saved_tensors
+            tensors.append(_inputs.row_mask(weights))
+            row_grad = _weigh(grad_out, weights)
             with torch.autocast(grad_out.device.type, enabled=False):
-                _, _, grads = _chunk_loop(ctx.plan, ctx.saved_tensors, grad_out, needs)
+                rows, _, grads = _chunk_loop(ctx.plan, tensors, row_grad, needs)
+            grad_weights = grad_out * rows if ctx.needs_input_grad[8] else None
         else:  # finished in forward for a grad_out of 1
-            grads = [None if g is None else g.mul_(grad_out) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None, None)
+            *grads, grad_weights = ctx.saved_tensors
+            # In place, no second weight-sized buffer, unless the graph is kept for another
+            # backward (its saved gradients must stay as they are: docs/design.md §5).
+            kept = graph_kept()
+            grads = [
+                None if g is None else g * grad_out if kept else g.mul_(grad_out) for g in grads
+            ]
+            if grad_weights is not None:
+                grad_weights = grad_weights * grad_out
+        return (*grads, None, None, None, None, None, grad_weights, None)
+
+
+def _weigh(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return rows if weights is None else rows * weights
 
 
 @overload
@@ -291,7 +330,8 @@ def fused_linear_kd_loss(
         teacher_logits: or the teacher as logits [N, Vt] / [B, S, Vt] (then no teacher head).
             With CE only (``alpha=1`` or ``kd_weight=0``) no teacher is needed.
         student_bias: optional [V] student lm_head bias.
-        token_weights: optional [N] or [B, S] per-token multipliers.
+        token_weights: optional [N] or [B, S] per-token multipliers, finite and >= 0, as
+            in :func:`fastkd.kd_loss`; they may require grad.
         chunk_size: token rows per chunk; default from ``memory_budget``.
         memory_budget: bytes for one chunk's logits (student, and teacher with a KD term,
             fp32); default 64 MiB on CPU, 2 GiB on CUDA.
@@ -307,8 +347,11 @@ def fused_linear_kd_loss(
     and output in fp32 on CUDA), so low-precision inputs lose no accuracy in the softmax.
 
     Returns:
-        The reduced loss in the dtype of ``student_hidden`` (per token for ``none``), or
-        ``KDLossParts`` with ``return_parts``.
+        The reduced loss (per token for ``none``), or ``KDLossParts`` with ``return_parts``,
+        in float32 whatever the inputs' dtype (float64 for float64 inputs), so that a sum
+        over many tokens cannot overflow a low-precision dtype. No tokens (N = 0) give 0
+        (``none``: an empty tensor) and empty or zero gradients. Differentiable once
+        (double backward raises).
     """
     opts = LossOptions(**options)
     h_s = _inputs.check_tensor("student_hidden", student_hidden)
@@ -346,7 +389,9 @@ def fused_linear_kd_loss(
     labels = _inputs.check_labels(
         labels, batch_shape, h_s.device, vs, args.ignore_index, args.ce_weight
     )
-    weights = _inputs.check_token_weights(token_weights, batch_shape, h_s.device)
+    weights = _inputs.check_token_weights(
+        token_weights, batch_shape, h_s.device, compute_dtype(h_s.dtype)
+    )
     chosen = get_backend(select_backend(backend, h_s.device, h_s.dtype))
     low_precision = h_s.device.type == "cuda" and h_s.dtype in (torch.bfloat16, torch.float16)
     plan = _Plan(
@@ -372,10 +417,8 @@ def fused_linear_kd_loss(
     )
     if opts.reduction == "none":
         loss, ce = loss.reshape(batch_shape), ce.reshape(batch_shape)
-    loss = loss.to(h_s.dtype)
     if not return_parts:
         return loss
-    ce = ce.to(h_s.dtype)
     return KDLossParts(loss, loss.detach() - ce, ce)
 
 
@@ -411,7 +454,7 @@ def _check_head(who: str, hidden, weight, bias) -> None:
 def _shift(labels, batch_shape, ignore_index):
     """Causal shift: position t is scored against labels[t + 1]; the last position of each
     sequence gets ignore_index."""
-    _inputs.check_tensor("labels", labels)
+    _inputs.check_label_dtype(labels)
     if labels.numel() != batch_shape.numel():
         raise ValueError(
             f"labels must have shape {tuple(batch_shape)} to match student_hidden, "

@@ -18,6 +18,34 @@ from fastkd._options import (
     takes_loss_options,
 )
 from fastkd.backends import Backend, check_backend_name, get_backend, select_backend
+from fastkd.reference import compute_dtype
+
+
+def check_first_order(loss: str) -> None:
+    """Called first in a fused backward: the kernels' gradients record no graph, so a
+    backward with create_graph=True (which runs in grad mode) would return gradients that
+    silently lack their second derivative. Refuse it instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastkd.{loss} is differentiable once: its backward is a fused kernel that records "
+            "no graph, so double backward (create_graph=True, e.g. a gradient penalty or "
+            "MAML) is not supported. Differentiate it with create_graph=False, or where "
+            "second derivatives are needed compute the loss in plain PyTorch: "
+            "fastkd.reference.kd_loss_rows(student_logits, teacher_logits, labels, "
+            "token_weights, fastkd.LossOptions(...).kernel_args(V_student, V_teacher))"
+        )
+
+
+def graph_kept() -> bool:
+    """Whether this backward's graph is kept for another (retain_graph=True, or
+    create_graph=True). Saved gradients may be scaled in place only when it is not: in place
+    keeps the common single backward free of a second [N, V] (or [V, H]) buffer, out of place
+    lets a retained graph run backward again with the same result, as PyTorch's own losses do.
+    torch has no public query for this; the private one is the query AOTAutograd's compiled
+    backward makes for the same purpose (whether saved tensors are used once). Dynamo cannot
+    trace it, and a compiled backward is functional anyway: under torch.compile the graph
+    counts as kept."""
+    return torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 class KDLossFunction(torch.autograd.Function):
@@ -25,7 +53,8 @@ class KDLossFunction(torch.autograd.Function):
     loss and statistics), backward its bwd (the gradient, written once; docs/design.md §2).
 
     With ``inplace`` the forward already writes d loss_i / d z_s[i] over the student logits and
-    backward only scales it by grad_output: no second [N, V] buffer exists.
+    backward only scales it by grad_output, in place unless the graph is kept for another
+    backward (``graph_kept``): in the common case no second [N, V] buffer exists.
     """
 
     @staticmethod
@@ -45,9 +74,11 @@ class KDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        check_first_order("kd_loss")
         if ctx.inplace:
             (grad,) = ctx.saved_tensors
-            grad.mul_(grad_loss[:, None].to(grad.dtype))
+            scale = grad_loss[:, None].to(grad.dtype)
+            grad = grad * scale if graph_kept() else grad.mul_(scale)
         else:
             student, teacher, labels, weights, stats = ctx.saved_tensors
             grad = torch.empty_like(student)
@@ -87,14 +118,23 @@ def kd_loss(
         labels: [N] or [B, S] integer class ids, ``ignore_index`` where a token does not count
             (for either term). Needed when the CE weight is > 0.
         <loss options>
-        token_weights: optional [N] or [B, S] per-token multipliers.
+        token_weights: optional [N] or [B, S] per-token multipliers, finite and >= 0 (a
+            ValueError on the CPU; elsewhere a negative weight makes the loss NaN). They may
+            require grad: the loss is differentiable in them (a token of weight 0 is not
+            read, so its row contributes nothing to their gradient but the ``mean``
+            denominator's share).
         inplace_grad: write the gradient over ``student_logits`` during the forward (saves one
-            [N, V] buffer); the logits are garbage afterwards.
+            [N, V] buffer); the logits are garbage afterwards. ``student_logits`` must then be
+            a non-leaf (an lm_head output, or a view of one): for a leaf that requires grad
+            (or a view of one) its ``.grad`` would alias its data, a ValueError.
         backend: ``triton``, ``cuda``, ``cpu`` or ``reference``; default ``FASTKD_BACKEND``,
             else by device (see ``fastkd.backends()``).
 
     Returns:
-        The reduced loss (shape [] or, for ``none``, the labels' shape), in the logits' dtype.
+        The reduced loss (shape [] or, for ``none``, the labels' shape), in float32 whatever
+        the logits' dtype (float64 for float64 logits), so that a sum over many tokens cannot
+        overflow a low-precision dtype. No tokens (N = 0) give 0 (``none``: an empty tensor).
+        Differentiable once (double backward raises).
     """
     opts = LossOptions(**options)
     student = _inputs.check_tensor("student_logits", student_logits)
@@ -102,6 +142,8 @@ def kd_loss(
     _inputs.check_float("student_logits", student)
     _inputs.check_float("teacher_logits", teacher)
     _inputs.check_same("teacher_logits", teacher, "student_logits", student)
+    if inplace_grad:
+        _check_inplace_target(student)
     _inputs.check_rows("student_logits", student, "V")
     _inputs.check_rows("teacher_logits", teacher, "V")
     if teacher.shape[:-1] != student.shape[:-1]:
@@ -114,21 +156,40 @@ def kd_loss(
     labels = _inputs.check_labels(
         labels, batch_shape, student.device, student.shape[-1], args.ignore_index, args.ce_weight
     )
-    weights = _inputs.check_token_weights(token_weights, batch_shape, student.device)
+    weights = _inputs.check_token_weights(
+        token_weights, batch_shape, student.device, compute_dtype(student.dtype)
+    )
     chosen = get_backend(select_backend(backend, student.device, student.dtype))
     rows = KDLossFunction.apply(
         _inputs.rows_2d(student),
         _inputs.rows_2d(teacher),
         labels,
-        weights,
+        _inputs.row_mask(weights),
         chosen,
         args,
         inplace_grad,
     )
-    loss = _inputs.reduce_loss(
+    if weights is not None:  # outside the kernels, so autograd differentiates the weights
+        rows = rows * weights
+    return _inputs.reduce_loss(
         rows, labels, weights, args.ignore_index, opts.reduction, batch_shape
     )
-    return loss.to(student.dtype)
+
+
+def _check_inplace_target(student: torch.Tensor) -> None:
+    """inplace_grad overwrites the logits with their gradient, which autograd then hands on
+    as the gradient of whatever they were computed from. For a leaf that requires grad (or a
+    view of one) that is the leaf's own ``.grad``: it would alias the leaf's data."""
+    if not student.requires_grad:
+        return
+    base = student if student._base is None else student._base
+    if base.is_leaf:
+        what = "a leaf tensor" if base is student else "a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_grad=True writes the gradient over student_logits, which is {what} "
+            "that requires grad: its .grad would alias its data. Use inplace_grad=True on "
+            "logits computed in the graph (an lm_head output), or inplace_grad=False"
+        )
 
 
 class LossModule(torch.nn.Module):

@@ -176,3 +176,42 @@ def test_every_field_moves_the_result_as_the_reference(backend, change):
     )
     assert_close(loss, truth_loss, name="loss", **tol)
     assert_close(grad, truth_grad, name="grad", **tol)
+
+
+# --- the term weights -------------------------------------------------------------------------
+
+
+def test_term_weights_are_plain_multipliers():
+    """kd_weight and ce_weight are not bounded by 1 (alpha is): doubling both doubles the
+    loss; both 0, given explicitly, is a loss of 0."""
+    g = torch.Generator().manual_seed(25)
+    s, t = torch.randn(5, 30, generator=g), torch.randn(5, 30, generator=g)
+    y = torch.randint(0, 30, (5,), generator=g)
+
+    def loss(**weights):
+        return fastkd.kd_loss(s, t, y, reduction="none", backend="reference", **weights)
+
+    assert torch.allclose(
+        loss(kd_weight=2.0, ce_weight=1.0), 2 * loss(kd_weight=1.0, ce_weight=0.5)
+    )
+    assert torch.equal(loss(kd_weight=0.0, ce_weight=0.0), torch.zeros(5))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"kd_weight": -1.0}, ValueError, "kd_weight must be >= 0"),
+        ({"ce_weight": -0.5, "kd_weight": 1.0}, ValueError, "ce_weight must be >= 0"),
+        ({"ce_weight": float("nan")}, ValueError, "ce_weight must be finite"),
+        ({"kd_weight": float("inf")}, ValueError, "kd_weight must be finite"),
+        ({"ce_weight": True}, TypeError, "ce_weight must be a real number"),
+        ({"kd_weight": "1"}, TypeError, "kd_weight must be a real number"),
+        ({"alpha": 1.01}, ValueError, r"alpha \(the CE weight\) must be in \[0, 1\]"),
+        ({"alpha": float("nan")}, ValueError, "alpha must be finite"),
+        ({"ce_weight": 0.0}, ValueError, "ce_weight=0 without kd_weight makes the loss 0"),
+        ({"kd_weight": 0}, ValueError, "kd_weight=0 without ce_weight makes the loss 0"),
+    ],
+)
+def test_term_weight_checks(options, error, match):
+    with pytest.raises(error, match=match):
+        LossOptions(**options)
