@@ -106,7 +106,8 @@ def check_token_weights(
     """Token weights as a contiguous [N] tensor of the compute ``dtype`` (or None), still
     differentiable. They must be finite and >= 0: checked on the CPU; on other devices, and
     under torch.compile, where a check would synchronise with the host or break the graph, a
-    negative weight becomes NaN instead, so the loss is NaN (as NaN and inf weights make it)."""
+    negative weight becomes NaN instead, so the loss is NaN (NaN and inf weights make it NaN
+    or inf already)."""
     if token_weights is None:
         return None
     check_tensor("token_weights", token_weights)

@@ -120,9 +120,9 @@ def kd_loss(
         <loss options>
         token_weights: optional [N] or [B, S] per-token multipliers, finite and >= 0 (a
             ValueError on the CPU; elsewhere a negative weight makes the loss NaN). They may
-            require grad: the loss is differentiable in them (a token of weight 0 is not
-            read, so its row contributes nothing to their gradient but the ``mean``
-            denominator's share).
+            require grad: the loss is differentiable in them. A token of weight 0 is not
+            read, so its weight's gradient has no term from its own loss (for ``mean`` it
+            keeps the denominator's).
         inplace_grad: write the gradient over ``student_logits`` during the forward (saves one
             [N, V] buffer); the logits are garbage afterwards. ``student_logits`` must then be
             a non-leaf (an lm_head output, or a view of one): for a leaf that requires grad
