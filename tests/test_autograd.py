@@ -312,6 +312,22 @@ def test_inplace_grad_on_views_of_non_leaves_and_on_tensors_without_grad():
     assert torch.equal(plain, copy)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_grad_over_logits_another_op_saved(backend):
+    """Logits that another op saved for its backward are caught by autograd's version check
+    (the kernels' write counts as an in-place edit), not silently turned into a gradient."""
+    device = device_for(backend)
+    p = problem(seed=14)
+    h = p["hidden"].to(device).requires_grad_(True)
+    logits = h @ p["weight"].to(device).t()
+    other = logits.pow(2).sum()  # saves logits
+    loss = fastkd.kd_loss(
+        logits, p["teacher"].to(device), p["labels"].to(device), inplace_grad=True, backend=backend
+    )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (other + loss).backward()
+
+
 # --- torch.compile ----------------------------------------------------------------------------
 
 
