@@ -180,6 +180,29 @@ def test_token_weight_gradients(backend, fn, reduction):
     assert t_grads["weights"].unique().numel() > 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_token_weight_gradients_without_labels(backend, fn):
+    """Distillation alone, no labels: every token counts in mean's denominator."""
+    device = device_for(backend)
+    p = problem(seed=15)
+    tw = p["weights"].to(device, copy=True).requires_grad_(True)
+    h, w, teacher = (p[k].to(device) for k in ("hidden", "weight", "teacher"))
+    kw = {"alpha": 0.0, "token_weights": tw, "backend": backend}
+    if fn == "kd_loss":
+        fastkd.kd_loss(h @ w.t(), teacher, **kw).backward()
+    else:
+        fastkd.fused_linear_kd_loss(h, w, teacher_logits=teacher, **kw).backward()
+    truth_w = p["weights"].double().requires_grad_(True)
+    args = LossOptions(alpha=0.0).kernel_args(V, V)
+    rows = kd_loss_rows(
+        p["hidden"].double() @ p["weight"].double().t(), p["teacher"].double(), None, truth_w, args
+    )
+    (rows.sum() / truth_w.sum()).backward()
+    tol = {k: v + 1e-5 for k, v in tolerance(backend, torch.float32, V).items()}
+    assert_close(tw.grad, truth_w.grad, name="grad token_weights", **tol)
+
+
 # --- double backward --------------------------------------------------------------------------
 
 
