@@ -29,7 +29,8 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 def rows_2d(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [N, D] with a contiguous last dim (kernels take any row stride)."""
     t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    # contiguous() keeps a stride-0 last dim of size 1 (or of an empty tensor): clone instead.
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
 def check_rows(name: str, t: torch.Tensor, what: str) -> None:

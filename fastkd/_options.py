@@ -30,6 +30,9 @@ DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
 
 # A docstring line holding only this marker is replaced by the options' docs.
 OPTIONS_MARKER = "<loss options>"
+# float32's smallest subnormal and largest finite value (no torch import here).
+_FLOAT32_MIN = 2.0**-149
+_FLOAT32_MAX = (2.0 - 2.0**-23) * 2.0**127
 
 
 class KernelArgs(NamedTuple):
@@ -157,6 +160,11 @@ class LossOptions:
     def __post_init__(self) -> None:
         if _number("temperature", self.temperature) <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if 1.0 / self.temperature > _FLOAT32_MAX:
+            raise ValueError(
+                f"temperature must be >= {1 / _FLOAT32_MAX:.3g} (1/T must be a finite float32), "
+                f"got {self.temperature}"
+            )
         if self.kd_weight is not None or self.ce_weight is not None:
             if self.alpha is not None:
                 raise ValueError(
@@ -259,6 +267,13 @@ def _number(name: str, value: object) -> float:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    # The kernels take every option as a float32: one that would round to 0 or overflow there
+    # would silently change the loss (a weight of 1e-100 becomes 0, and 0 * inf is NaN).
+    if value != 0 and not _FLOAT32_MIN <= abs(value) <= _FLOAT32_MAX:
+        raise ValueError(
+            f"{name} must be 0 or of magnitude in [{_FLOAT32_MIN:.3g}, {_FLOAT32_MAX:.4g}] (the "
+            f"kernels compute in float32), got {value}"
+        )
     return float(value)
 
 

@@ -216,6 +216,15 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_single_column(backend):
+    # A [N, 1] view of a broadcast has last stride 0, which contiguous() keeps.
+    student = torch.tensor([0.5, -1.0, 2.0]).as_strided((3, 1), (1, 0))
+    teacher = torch.tensor([1.0, 0.0, -2.0]).as_strided((3, 1), (1, 0))
+    assert student.stride(-1) == 0
+    check_backend(backend, student, teacher, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["kl", "skew_kl"])
 def test_inplace_grad(backend, divergence):
     student, teacher, labels = make_inputs(5, 1031, seed=11)

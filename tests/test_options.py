@@ -210,6 +210,10 @@ def test_term_weights_are_plain_multipliers():
         ({"alpha": float("nan")}, ValueError, "alpha must be finite"),
         ({"ce_weight": 0.0}, ValueError, "ce_weight=0 without kd_weight makes the loss 0"),
         ({"kd_weight": 0}, ValueError, "kd_weight=0 without ce_weight makes the loss 0"),
+        # Options become float32 in the kernels: 1.6e-103 would be 0 there, and 0 * inf NaN.
+        ({"kd_weight": 1.6e-103, "ce_weight": 0.5}, ValueError, "kd_weight must be 0 or of"),
+        ({"skew": 1.5e-285, "divergence": "skew_kl"}, ValueError, "skew must be 0 or of"),
+        ({"temperature": 1e-40}, ValueError, r"1/T must be a finite float32"),
     ],
 )
 def test_term_weight_checks(options, error, match):
