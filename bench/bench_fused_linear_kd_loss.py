@@ -11,7 +11,10 @@ teacher in the mixture as fastkd's does, so kl is beta=0 and reverse_kl beta=1.
 
 The floor is the bare GEMMs in the input dtype: the student's and the teacher's logits (fwd),
 the student's grad_hidden and grad_weight (bwd): 2·N·V·Ht + 6·N·V·Hs FLOPs. CE only (alpha=1)
-needs no teacher logits, and neither fastkd nor the floor computes them."""
+needs no teacher logits, and neither fastkd nor the floor computes them.
+
+Only fwd + bwd (``full``) is timed: fastkd (for the scalar reductions) and Liger finish the
+gradients in the forward, so a forward or a backward alone compares nothing."""
 
 from __future__ import annotations
 
@@ -90,6 +93,8 @@ def _eager_loss(case: Case, h, w, ht, wt, y):
 
 def _eager(case: Case, compiled: bool = False) -> Runner:
     name = "compile" if compiled else "eager"
+    if case.alpha != 1 and case.divergence not in HAND_WRITTEN:
+        raise Unavailable(f"{case.divergence} has no common hand-written form to compare with")
     require_memory(case, EAGER_PEAK[name] * case.bt * case.vocab * 4, name)
     fn = functools.partial(_eager_loss, case)
     return _runner(case, torch.compile(fn) if compiled else fn)
@@ -215,11 +220,32 @@ def work(case: Case, mode: str) -> tuple[float, float]:
     return flops, 0.0
 
 
+MODES = ("full",)
 # Contenders that call torch.compile (minutes of compiling on the CPU: --quick skips them).
 COMPILED = ("compile", "liger-chunked-jsd", "cut-cross-entropy-compile")
-# (BT, V, student hidden, teacher hidden). The first shape also runs CE only (alpha=1).
-CPU_SHAPES = [(4096, 32000, 64, 64), (16384, 32000, 64, 64)]
+OURS = {"cpu": "fastkd-cpu", "cuda": "fastkd-triton"}  # ratio_to_fastkd divides by this
+HAND_WRITTEN = ("kl", "reverse_kl", "jsd")  # divergences eager and compile are timed on
+# The cases of `fastkd bench` (Case fields beyond op, dtype and device). Liger's fused linear
+# losses are JSD (kl and reverse_kl at beta 0 and 1): jsd is the case at every shape; CE only
+# (alpha=1) is Cut Cross-Entropy's case.
+QUICK_CASES = [
+    dict(bt=512, vocab=8192, hidden=64, teacher_hidden=64, divergence="jsd"),
+    dict(bt=512, vocab=8192, hidden=64, teacher_hidden=64, alpha=1.0),
+]
+_CPU_WIDTHS = dict(hidden=256, teacher_hidden=512)
+CPU_CASES = [
+    *(
+        dict(bt=4096, vocab=32000, divergence=d, **_CPU_WIDTHS)
+        for d in ("jsd", "kl", "reverse_kl", "tvd", "skew_kl", "skew_reverse_kl")
+    ),
+    dict(bt=4096, vocab=32000, alpha=1.0, **_CPU_WIDTHS),
+    dict(bt=16384, vocab=32000, divergence="jsd", **_CPU_WIDTHS),
+    dict(bt=1024, vocab=128256, divergence="jsd", **_CPU_WIDTHS),
+    dict(bt=1024, vocab=128256, divergence="kl", **_CPU_WIDTHS),
+]
 # Llama 3, Qwen 2 and Gemma vocabularies; a 2048-wide student of a 4096-wide teacher.
-GPU_SHAPES = [(8192, v, 2048, 4096) for v in (128256, 151936, 256000)] + [
-    (4096, 128256, 2048, 4096)
+_GPU_WIDTHS = dict(hidden=2048, teacher_hidden=4096, divergence="jsd")
+GPU_CASES = [dict(bt=8192, vocab=v, **_GPU_WIDTHS) for v in (128256, 151936, 256000)] + [
+    dict(bt=4096, vocab=128256, **_GPU_WIDTHS),
+    dict(bt=8192, vocab=128256, **_GPU_WIDTHS, alpha=1.0),
 ]

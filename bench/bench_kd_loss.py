@@ -1,9 +1,20 @@
 """Benchmark of ``fastkd.kd_loss`` on logits [BT, V] against eager PyTorch, ``torch.compile``
 and Liger-Kernel's KL/JSD and CE losses (CUDA only: they are Triton kernels).
 
-The floor is a copy of the same bytes: reading the student and teacher logits once and writing
-one gradient-sized output (``torch.add(s, t, out=g)``), the least any fwd + bwd must move.
-The same floor is used for every mode, and ``gbps`` is those bytes over the time."""
+The floor, the same for every mode, is what bounds the loss on the device:
+
+- CPU: arithmetic. The exponentials the loss cannot do without (``exps_per_element``: e^a and
+  e^b for the two softmaxes, the log of the mixture for jsd and the skew divergences, e^c for
+  the CE unless it is a power of e^a) times N·V, timed as ``torch.exp`` (ATen's vectorised
+  exp, all threads) over a 4 MiB fp32 buffer (in L3; a buffer small enough for L2 makes
+  every call so short that starting the threads costs more than L3 does), repeated until it
+  has computed that many. Its row records the count (``exps``) and the throughput it measured
+  (``gexp_per_s``). ``copy`` (below) is timed beside it as the memory reference.
+- CUDA: memory (a GPU computes exponentials far faster than it moves bytes): ``copy``.
+
+``copy`` moves the bytes any fwd + bwd must move, reading the student and teacher logits once
+and writing one gradient-sized output (``torch.add(s, t, out=g)``); ``gbps`` is those bytes
+over the time."""
 
 from __future__ import annotations
 
@@ -100,7 +111,37 @@ def _liger(case: Case) -> Runner:
     return runner
 
 
-def _floor(case: Case) -> Runner:
+def exps_per_element(case: Case) -> int:
+    """Transcendentals per logit that any implementation of the loss computes: e^a and e^b
+    (the two softmaxes), the log of the mixture m for the mixture divergences, and e^c for the
+    CE, which at T = 1 or 2 is a power of e^a when the KD term is on."""
+    kd = case.alpha != 1
+    n = 0
+    if kd:
+        n = 2 + (case.divergence in ("jsd", "skew_kl", "skew_reverse_kl"))
+    if case.alpha and not (kd and case.temperature in (1.0, 2.0)):
+        n += 1
+    return n
+
+
+EXP_BUFFER = 1 << 20  # fp32 elements: 4 MiB in, 4 MiB out, in L3
+
+
+def _exp_floor(case: Case) -> Runner:
+    exps = exps_per_element(case) * case.bt * case.vocab
+    x = torch.rand(EXP_BUFFER, device=case.device) - 0.5
+    out = torch.empty_like(x)
+    reps = max(1, round(exps / EXP_BUFFER))
+
+    def run():
+        for _ in range(reps):
+            torch.exp(x, out=out)
+
+    notes = {"exps": reps * EXP_BUFFER, "exps_per_element": exps_per_element(case)}
+    return Runner(run, lambda _: run(), full=run, notes=notes)
+
+
+def _copy(case: Case) -> Runner:
     s, t, _ = _inputs(case)
     out = torch.empty_like(s)
 
@@ -111,7 +152,10 @@ def _floor(case: Case) -> Runner:
 
 
 def contenders(case: Case) -> dict:
-    found = {"floor": lambda: _floor(case)}
+    if case.device == "cuda":
+        found = {"floor": lambda: _copy(case)}
+    else:
+        found = {"floor": lambda: _exp_floor(case), "copy": lambda: _copy(case)}
     for backend in ("cuda", "triton", "cpu", "reference"):
         found[f"fastkd-{backend}"] = functools.partial(_fastkd, case, backend)
     found["eager"] = lambda: _eager(case)
@@ -121,12 +165,20 @@ def contenders(case: Case) -> dict:
 
 
 def work(case: Case, mode: str) -> tuple[float, float]:
-    """(FLOPs, bytes) of the floor: read student and teacher logits, write one gradient."""
+    """(FLOPs, bytes): no FLOPs counted; the bytes of ``copy``: read student and teacher
+    logits, write one gradient."""
     element = torch.finfo(case.torch_dtype).bits // 8
     return 0.0, 3.0 * case.bt * case.vocab * element
 
 
 COMPILED = ("compile",)  # contenders that call torch.compile (--quick skips them)
-CPU_SHAPES = [(4096, 32000), (1024, 32000)]
+OURS = {"cpu": "fastkd-cpu", "cuda": "fastkd-triton"}  # ratio_to_fastkd divides by this
+# The cases of `fastkd bench` (Case fields beyond op, dtype and device).
+QUICK_CASES = [dict(bt=256, vocab=8192)]
+CPU_CASES = [
+    dict(bt=4096, vocab=32000, divergence="kl"),
+    dict(bt=4096, vocab=32000, divergence="jsd"),
+    dict(bt=1024, vocab=32000, divergence="kl"),
+]
 # Llama 3, Qwen 2 and Gemma vocabularies; BT = batch x sequence of a training step.
-GPU_SHAPES = [(bt, v) for v in (128256, 151936, 256000) for bt in (4096, 8192)]
+GPU_CASES = [dict(bt=bt, vocab=v) for v in (128256, 151936, 256000) for bt in (4096, 8192)]

@@ -95,5 +95,7 @@ def work(case: Case, mode: str) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-CPU_SHAPES = [(2048, 8192)]
-GPU_SHAPES = [(8192, 128256)]
+# The cases of `fastkd bench` (Case fields beyond op, dtype and device).
+QUICK_CASES = [dict(bt=256, vocab=2048)]
+CPU_CASES = [dict(bt=2048, vocab=8192)]
+GPU_CASES = [dict(bt=8192, vocab=128256)]

@@ -8,8 +8,10 @@ op cannot avoid) in one *mode* (``fwd``, ``bwd`` or ``full`` = fwd + bwd). Each 
 
 The contenders of a case are timed side by side: after warm-up, each *round* runs every
 contender once, in turn, so a change of the machine's load hits all of them alike. Times are
-medians (with 20th/80th percentiles) over the rounds, and ``ratio_to_floor`` is the median of
-the per-round ratios to the floor's time in the same round. Peak memory is the extra memory one
+medians (with 20th/80th percentiles) over the rounds; ``ratio_to_floor`` is the median of the
+per-round ratios to the floor's time in the same round, and ``ratio_to_fastkd`` the same ratio
+to fastkd's contender on the device (the op module's ``OURS``), so a peer's row says how many
+times fastkd's time it took. Peak memory is the extra memory one
 run of the mode needs beyond its inputs: ``max_memory_allocated`` on CUDA, a fresh process's
 peak resident set on the CPU (``fastkd.memory``).
 """
@@ -277,6 +279,7 @@ def run_case(
             runners, mode, case.device, warmup=warmup, reps=reps, min_seconds=min_seconds
         )
         floor = timed.get("floor")
+        ours = timed.get(getattr(module, "OURS", {}).get(case.device, "fastkd"))
         for name, times in timed.items():
             row = {**dataclasses.asdict(case), "contender": name, "mode": mode}
             if isinstance(times, str):
@@ -292,8 +295,11 @@ def run_case(
                 runs=len(times),
                 **runners[name].notes,
             )
-            if isinstance(floor, list):
-                row["ratio_to_floor"] = statistics.median(t / f for t, f in zip(times, floor))
+            for key, base in (("ratio_to_floor", floor), ("ratio_to_fastkd", ours)):
+                if isinstance(base, list):
+                    row[key] = statistics.median(t / b for t, b in zip(times, base))
+            if "exps" in row:  # the exp-throughput floor: how fast this CPU computes e^x
+                row["gexp_per_s"] = row["exps"] / median / 1e6
             flops, nbytes = module.work(case, mode)
             if flops:
                 row["tflops"] = flops / median / 1e9

@@ -9,16 +9,16 @@ from pathlib import Path
 
 
 def table(rows: list[dict]) -> str:
-    """A markdown table of result rows (times also as ratios to the floor)."""
+    """A markdown table of result rows (times also as ratios to the floor and to fastkd)."""
     lines = [
-        "| contender | mode | median ms | x floor | TFLOP/s | GB/s | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| contender | mode | median ms | x floor | x fastkd | TFLOP/s | GB/s | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(
                 f"| {r['contender']} | {r['mode']} | {r['status']}: "
-                f"{r.get('reason', '')[:80]} | | | | |"
+                f"{r.get('reason', '')[:80]} | | | | | |"
             )
             continue
 
@@ -27,20 +27,69 @@ def table(rows: list[dict]) -> str:
 
         lines.append(
             f"| {r['contender']} | {r['mode']} | {fmt('median_ms', '.2f')} | "
-            f"{fmt('ratio_to_floor', '.2f')} | {fmt('tflops', '.1f')} | {fmt('gbps', '.0f')} | "
-            f"{fmt('peak_mem_mb', '.0f')} |"
+            f"{fmt('ratio_to_floor', '.2f')} | {fmt('ratio_to_fastkd', '.2f')} | "
+            f"{fmt('tflops', '.1f')} | {fmt('gbps', '.0f')} | {fmt('peak_mem_mb', '.0f')} |"
         )
     return "\n".join(lines)
 
 
+def summary(rows: list[dict], mode: str = "full") -> str:
+    """The README's table: per case and peer, fastkd's time as a multiple of the floor's and
+    of the peer's (medians of per-round ratios; < 1: fastkd is faster) and the extra memory of
+    both. fastkd's row is the one timed against itself (``ratio_to_fastkd`` 1)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r["mode"] == mode]
+    lines = [
+        "| case | fastkd ms | fastkd ÷ floor | peer | fastkd ÷ peer | extra MiB fastkd / peer |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for key in sorted({case_key(r) for r in ok}, key=_order):
+        sel = [r for r in ok if case_key(r) == key]
+        ours = [r for r in sel if r.get("ratio_to_fastkd") == 1.0]
+        if not ours:
+            continue
+        (ours,) = ours
+        peers = [r for r in sel if r["contender"] not in (ours["contender"], "floor", "copy")]
+        peers = [r for r in peers if not r["contender"].startswith("fastkd")] or [None]
+        for peer in peers:
+            mem = _mib(ours)
+            name = ratio = ""
+            if peer is not None:
+                name, ratio = peer["contender"], f"{1 / peer['ratio_to_fastkd']:.2f}"
+                mem += f" / {_mib(peer)}"
+            lines.append(
+                f"| {label(key)} | {ours['median_ms']:.0f} | {ours['ratio_to_floor']:.2f} | "
+                f"{name} | {ratio} | {mem} |"
+            )
+    return "\n".join(lines)
+
+
+def _mib(row: dict) -> str:
+    return f"{row['peak_mem_mb']:.0f}" if "peak_mem_mb" in row else "?"
+
+
 def case_key(row: dict) -> tuple:
-    """The shape and loss weights a result row (or a Case's fields) measured."""
-    return row["vocab"], row["bt"], row["alpha"]
+    """What a result row (or a Case's fields) measured: shape, widths, divergence, weights."""
+    return (
+        row["vocab"],
+        row["bt"],
+        row.get("hidden", 0),
+        row.get("teacher_hidden", 0),
+        row["divergence"],
+        row["alpha"],
+    )
 
 
 def label(key: tuple) -> str:
-    vocab, bt, alpha = key
-    return f"{bt}x{vocab}" + (" CE only" if alpha == 1 else "")
+    vocab, bt, hidden, teacher_hidden, divergence, alpha = key
+    widths = f" H {hidden}/{teacher_hidden}" if hidden and alpha != 1 else ""
+    widths = f" H {hidden}" if hidden and alpha == 1 else widths
+    return f"{bt}x{vocab}{widths} " + ("CE only" if alpha == 1 else divergence)
+
+
+def _order(key: tuple) -> tuple:
+    """Cases grouped by loss (divergence; CE only last), then by size."""
+    vocab, bt, hidden, _, divergence, alpha = key
+    return alpha == 1, divergence, alpha, bt * vocab, vocab, hidden
 
 
 def plot_file(path: Path) -> list[Path]:
@@ -57,21 +106,22 @@ def plot_file(path: Path) -> list[Path]:
     written = []
     for mode in sorted({r["mode"] for r in rows}):
         sel = [r for r in rows if r["mode"] == mode]
-        # Shapes grouped by loss (alpha; CE only last), lines only within a group.
-        shapes = sorted({case_key(r) for r in sel}, key=lambda k: (k[2], k[:2]))
+        # Shapes grouped by loss (divergence; CE only last), lines only within a group.
+        shapes = sorted({case_key(r) for r in sel}, key=_order)
         labels = [label(key) for key in shapes]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for n, contender in enumerate(sorted({r["contender"] for r in sel})):
             by_shape = {case_key(r): r for r in sel if r["contender"] == contender}
             for ax, key in zip(axes, ("median_ms", "peak_mem_mb")):
-                for alpha in sorted({s[2] for s in by_shape}):
+                groups = sorted({s[4:] for s in by_shape})  # (divergence, alpha)
+                for group in groups:
                     pts = [
                         (i, by_shape[s][key])
                         for i, s in enumerate(shapes)
-                        if s in by_shape and s[2] == alpha and by_shape[s].get(key) is not None
+                        if s in by_shape and s[4:] == group and by_shape[s].get(key) is not None
                     ]
                     if pts:
-                        first = alpha == min(s[2] for s in by_shape)
+                        first = group == groups[0]
                         ax.plot(
                             *zip(*pts),
                             marker="o",
@@ -96,6 +146,16 @@ def plot_file(path: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        for written in plot_file(Path(arg)):
-            print(f"wrote {written}")
+    # python -m fastkd.bench.plot [--summary] RESULT.json ...: plots, or the README's tables
+    if sys.argv[1:2] == ["--summary"]:
+        for arg in sys.argv[2:]:
+            data = json.loads(Path(arg).read_text())
+            print(
+                f"{Path(arg).stem} ({data['environment'].get('cpu')}, "
+                f"commit {data['environment'].get('commit')})\n"
+            )
+            print(summary(data["rows"]), "\n")
+    else:
+        for arg in sys.argv[1:]:
+            for written in plot_file(Path(arg)):
+                print(f"wrote {written}")

@@ -7,7 +7,6 @@ out are listed in the JSON (``skipped_cases``) and printed."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -26,40 +25,18 @@ from fastkd.bench.harness import (
 
 OPS = ("kd_loss", "fused_linear_kd_loss", "train_step")
 RESULTS = Path(__file__).parent / "results"
-QUICK_SHAPES = {
-    "kd_loss": [(256, 8192)],
-    "fused_linear_kd_loss": [(512, 8192, 64, 64)],
-    "train_step": [(256, 2048)],
-}
 
 
 def cases(op: str, device: str, dtype: str, quick: bool) -> list[Case]:
+    """The op's cases on ``device``: its module's ``QUICK_CASES``, ``CPU_CASES`` or
+    ``GPU_CASES``."""
     module = op_module(op)
-    shapes = (
-        QUICK_SHAPES[op]
+    specs = (
+        module.QUICK_CASES
         if quick
-        else (module.GPU_SHAPES if device == "cuda" else module.CPU_SHAPES)
+        else (module.GPU_CASES if device == "cuda" else module.CPU_CASES)
     )
-    out = []
-    for shape in shapes:
-        bt, vocab, *hidden = shape
-        extra = dict(zip(("hidden", "teacher_hidden"), hidden))
-        # Liger's fused linear losses are JSD: compare the fused linear op on JSD.
-        divergence = "jsd" if op == "fused_linear_kd_loss" else "kl"
-        out.append(
-            Case(
-                op=op,
-                bt=bt,
-                vocab=vocab,
-                dtype=dtype,
-                device=device,
-                divergence=divergence,
-                **extra,
-            )
-        )
-    if op == "fused_linear_kd_loss":  # and the CE alone (Cut Cross-Entropy's case) at one shape
-        out.append(dataclasses.replace(out[0], alpha=1.0))
-    return out
+    return [Case(op=op, dtype=dtype, device=device, **spec) for spec in specs]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -65,6 +65,50 @@ def test_time_budget_skips_cases(tmp_path, capsys):
     assert "budget spent" in out
 
 
+def test_exp_floor_counts_the_unavoidable_exponentials():
+    """The kd_loss floor on the CPU: e^a, e^b, the mixture's log, e^c unless a power of e^a."""
+    from fastkd.bench.bench_kd_loss import exps_per_element
+
+    def count(**kw):
+        return exps_per_element(Case(op="kd_loss", bt=8, vocab=8, **kw))
+
+    assert count(divergence="kl") == 2 and count(divergence="tvd") == 2
+    assert count(divergence="jsd") == 3 and count(divergence="skew_reverse_kl") == 3
+    assert count(divergence="kl", temperature=3.0) == 3  # e^c is no power of e^a
+    assert count(divergence="kl", alpha=0.0, temperature=3.0) == 2
+    assert count(alpha=1.0) == 1
+
+
+def test_summary_rows_are_ratios_to_fastkd():
+    from fastkd.bench.plot import summary
+
+    case = {"vocab": 32000, "bt": 4096, "hidden": 256, "teacher_hidden": 512, "alpha": 0.5}
+    case["divergence"], case["mode"], case["status"] = "jsd", "full", "ok"
+    rows = [
+        {**case, "contender": "floor", "median_ms": 80.0, "ratio_to_floor": 1.0},
+        {
+            **case,
+            "contender": "fastkd-cpu",
+            "median_ms": 100.0,
+            "ratio_to_floor": 1.25,
+            "ratio_to_fastkd": 1.0,
+            "peak_mem_mb": 256.0,
+        },
+        {
+            **case,
+            "contender": "liger-chunked-jsd",
+            "median_ms": 250.0,
+            "ratio_to_floor": 3.1,
+            "ratio_to_fastkd": 2.5,
+            "peak_mem_mb": 784.0,
+        },
+    ]
+    table = summary(rows)
+    assert (
+        "| 4096x32000 H 256/512 jsd | 100 | 1.25 | liger-chunked-jsd | 0.40 | 256 / 784 |" in table
+    )
+
+
 def test_side_by_side_rounds():
     """Every contender runs once per round; one that fails is dropped with its error."""
     calls = []
