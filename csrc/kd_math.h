@@ -53,6 +53,11 @@ decltype(auto) with_divergence(int divergence, F&& f) {
 }
 
 constexpr float kInf = __builtin_huge_valf();
+constexpr float kMaxFloat = 3.40282347e+38f;  // the largest finite fp32
+
+// ln 2^-1075, where e^x rounds to 0 in fp64: a log-probability at or below it is a probability of
+// exactly 0, whatever fp32 rounds e^x to in between (docs/design.md §3).
+constexpr float kLogMin = -745.133219f;
 
 // The mixture's weight (beta for jsd, skew for the skew divergences) and the logs of the two
 // weights log(mix), log(1 - mix) of the log-mixture. Unused (0) for the other divergences.
@@ -85,23 +90,48 @@ FASTKD_HD float log_mix(float l1, float l2, float lw1, float lw2) {
   return hi == -kInf ? -kInf : safe + M::log1p(M::exp(lo - safe));
 }
 
-// ---- Divergences (docs/design.md §2 table). Per KD column: a = x_s / T, b = x_t / T,
-// lq = a - lse(a), lp = b - lse(b), q = e^lq, p = e^lp. A term whose leading probability is
-// exactly 0 is 0 (no 0 * log 0 = NaN). ----
+// ---- Divergences (docs/design.md §2 table). Per KD column: lq = log q, lp = log p, q = e^lq,
+// p = e^lp. A term whose leading probability is exactly 0 is 0 (no 0 * log 0 = NaN); one whose
+// leading probability is positive against a partner of probability 0 (log -inf) is +inf
+// (docs/design.md §3). ----
 
-// kl and reverse_kl in one pass, before lse(a), lse(b) are known: this column's share of
-// sum e^(b - r_b) (b - a) (kl) or sum e^(a - r_a) (a - b) (reverse_kl), where ea = e^(a - r_a),
-// eb = e^(b - r_b) for the running max r. D = that sum / the sum of eb (ea) + lse(a) - lse(b)
-// (swapped for reverse_kl). 0 for the other divergences.
-template <int kDiv>
-FASTKD_HD float one_pass_term(float a, float b, float ea, float eb) {
-  if constexpr (kDiv == kKL) {
-    return b > -kInf ? eb * (b - a) : 0.0f;
-  } else if constexpr (kDiv == kReverseKL) {
-    return a > -kInf ? ea * (a - b) : 0.0f;
+// kl and reverse_kl in one pass, before the log-sum-exps are known: this column's share of
+// sum e_lead (lead - partner), lead and partner in the units of the logits x (kl: lead x_t,
+// partner x_s, e_lead = e^((x_t - r_t) / T), r the running max; reverse_kl: swapped); the caller
+// divides by T. A partner of -inf makes the term +inf or 0 by the lead's log-probability, which
+// pass 1 does not know yet: such a column adds 0 here, and masked_lead() collects the lead for
+// partner_masked_live().
+//
+// kSafe (the CUDA and Triton kernels; the CPU's rare tiles) takes any input: 0 where the partner
+// is -inf, the difference clamped to the fp32 range (no 0 * inf where it overflows). The fast
+// form (the CPU's common tiles) has two selects fewer and needs every partner >= -kHugeLogit and
+// the running maxima within +-kHugeLogit / 2: then the difference cannot overflow, and a lead
+// below -kHugeLogit, of probability 0, adds 0 (the -inf of a masked lead included).
+constexpr float kHugeLogit = 0x1p126f;
+
+template <bool kSafe>
+FASTKD_HD float one_pass_term(float lead, float partner, float e_lead) {
+  if constexpr (kSafe) {
+    const float d = lead - partner;
+    // The fp32 range, in the order that keeps a NaN (a select returns d when unordered).
+    const float dc = -kMaxFloat > d ? -kMaxFloat : (kMaxFloat < d ? kMaxFloat : d);
+    return partner > -kInf ? e_lead * dc : 0.0f;
   } else {
-    return 0.0f;
+    return lead > -kHugeLogit ? e_lead * (lead - partner) : 0.0f;
   }
+}
+
+// The lead where the partner is -inf, else -inf: its running max is mi of partner_masked_live.
+FASTKD_HD float masked_lead(float lead, float partner) {
+  return partner > -kInf ? -kInf : lead;
+}
+
+// Whether some column with a partner of -inf has a lead probability above 0, i.e. whether kl
+// (reverse_kl) is +inf: mi is the largest such lead logit, m the lead's max and log_s the log of
+// its sum of e^((x - m) / T). F: the backend's accumulator type.
+template <class F>
+FASTKD_HD bool partner_masked_live(F mi, F m, F log_s, F inv_t) {
+  return (mi - m) * inv_t - log_s > F(kLogMin);
 }
 
 // This column's shares of the sums a second pass takes once lse(a), lse(b) are known (jsd, tvd,
@@ -120,13 +150,13 @@ FASTKD_HD Terms two_pass_terms(float lq, float lp, float q, float p, const Mixtu
     return {p > q ? p - q : q - p, q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.0f)};
   } else if constexpr (kDiv == kSkewKL) {  // d: p (lp - lm), g: q g = -(1 - l) q p / m
     const float lm = log_mix<M>(lp, lq, w.log_w1, w.log_w2);
-    const float qg = -(1.0f - w.mix) * M::exp(lq + lp - lm);
+    const float qg = -M::exp(w.log_w2 + lq + lp - lm);  // weights as logs: a tiny mix stays finite
     // q > 0 and p > 0, written as min(q, p) > 0: gcc 12 does not vectorise `a & b` here.
     return {p > 0.0f ? p * (lp - lm) : 0.0f, (q < p ? q : p) > 0.0f ? qg : 0.0f};
   } else if constexpr (kDiv == kSkewReverseKL) {  // d: q (lq - lm), g: d - l q^2 / m
     const float lm = log_mix<M>(lq, lp, w.log_w1, w.log_w2);
     const float tq = q > 0.0f ? q * (lq - lm) : 0.0f;
-    return {tq, q > 0.0f ? tq - w.mix * M::exp(2.0f * lq - lm) : 0.0f};
+    return {tq, q > 0.0f ? tq - M::exp(w.log_w1 + 2.0f * lq - lm) : 0.0f};
   } else {
     return {0.0f, 0.0f};
   }
@@ -159,14 +189,19 @@ FASTKD_HD float kd_grad(float lq, float lp, float q, float p, float big_g, const
     return q * (h - big_g);
   } else if constexpr (kDiv == kSkewKL) {
     const float lm = log_mix<M>(lp, lq, w.log_w1, w.log_w2);
-    const float qg = -(1.0f - w.mix) * M::exp(lq + lp - lm);
+    const float qg = -M::exp(w.log_w2 + lq + lp - lm);
     return ((q < p ? q : p) > 0.0f ? qg : 0.0f) - q * big_g;
   } else {  // kSkewReverseKL
     const float lm = log_mix<M>(lq, lp, w.log_w1, w.log_w2);
-    const float qg = q * (lq - lm) - w.mix * M::exp(2.0f * lq - lm);
+    const float qg = q * (lq - lm) - M::exp(w.log_w1 + 2.0f * lq - lm);
     return q > 0.0f ? qg - q * big_g : 0.0f;
   }
 }
+
+// Whether a row gets a KD gradient: not where its D is +inf (stats G = D for kl and reverse_kl;
+// the other divergences are bounded). An infinite loss has no finite descent direction, so the
+// row keeps only its CE gradient (docs/design.md §3).
+FASTKD_HD bool kd_grad_on(float big_g) { return big_g != kInf; }
 
 // ---- Cross-entropy ----
 

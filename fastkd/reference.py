@@ -6,11 +6,16 @@ implement the op contract of docs/design.md §2), and as the documentation of th
 kernels must reproduce. Gradients come from autograd, so they check the kernels' hand-derived
 ones.
 
-Conventions the kernels share: a probability that is exactly 0 contributes 0 to every sum
-(0 * log 0 = 0), so ``-inf`` logits (masked vocabulary) give finite results; a student ``-inf``
-where the teacher has mass gives an infinite forward KL, as the math says. A student ``-inf``
-logit gets no gradient: it is a masked entry, and no step can move it (autograd would give the
-forward KL's limit -p there, every other divergence's gradient is 0 in the limit anyway).
+Conventions the kernels share (docs/design.md §3): a probability whose log is at or below
+``LOG_MIN`` (where e^x rounds to 0 in fp64) is exactly 0 and contributes 0 to every sum
+(0 * log 0 = 0), so ``-inf`` logits (masked vocabulary) give finite results; a positive
+probability against a partner of probability 0 (log ``-inf``: a student ``-inf`` where the
+teacher has mass, in forward KL) makes the divergence +inf, as the math says. A row whose
+divergence is +inf gets no KD gradient (an infinite loss has no finite descent direction); its
+CE gradient stays. A student ``-inf`` logit gets no gradient: it is a masked entry, and no step
+can move it (autograd would give the forward KL's limit -p there, every other divergence's
+gradient is 0 in the limit anyway). Softmaxes are taken as x - max(x) first, so neither x / T
+nor a log-sum-exp of logits near the fp32 maximum overflows or swallows the log of the sum.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from fastkd._options import DIVERGENCES, KernelArgs
 
 # Rows per chunk are chosen so one fp32 temporary holds about this many elements.
 CHUNK_ELEMENTS = 1 << 22
+
+# ln 2^-1075: e^x rounds to 0 in fp64 at and below it, so a log-probability there is a
+# probability of exactly 0, in every dtype (csrc/kd_math.h kLogMin).
+LOG_MIN = -1075 * math.log(2.0)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,16 +50,32 @@ def transform_logits(z: torch.Tensor, scale: float, softcap: float) -> torch.Ten
     return x
 
 
+def _log_softmax(x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(x / t) over the last dim, and t * logsumexp(x / t) (the stats' log-sum-exp
+    in logit units, docs/design.md §2), both from x - max(x): x / t would overflow where t < 1
+    and |x| is near the fp32 maximum, and x - logsumexp(x) loses the log of the sum there."""
+    m = x.detach().amax(-1, keepdim=True)
+    m = torch.where(m == -math.inf, 0.0, m)  # an all -inf row: no NaN from -inf - -inf
+    y = (x - m) / t
+    ls = torch.logsumexp(y, -1, keepdim=True)
+    return y - ls, (m + t * ls).squeeze(-1)
+
+
 def _plog_ratio(lx: torch.Tensor, ly: torch.Tensor) -> torch.Tensor:
-    """sum_j x_j (log x_j - log y_j) over the last dim, with 0 where x_j == 0.
+    """sum_j x_j (log x_j - log y_j) over the last dim: 0 where x_j is 0 (log x_j <= LOG_MIN),
+    +inf for the row where some x_j > 0 meets y_j = 0 (log y_j = -inf).
 
     The masking happens before the arithmetic so that no inf reaches autograd through the
-    branch ``torch.where`` discards (it would turn into a NaN gradient).
+    branch ``torch.where`` discards (it would turn into a NaN gradient); an infinite row is a
+    constant, so it gets no gradient.
     """
-    live = lx > -math.inf
-    lx = torch.where(live, lx, 0.0)
-    ly = torch.where(live, ly, 0.0)
-    return torch.where(live, lx.exp() * (lx - ly), 0.0).sum(-1)
+    live = lx > LOG_MIN
+    infinite = live & (ly == -math.inf)
+    finite = live & ~infinite
+    lx = torch.where(finite, lx, 0.0)
+    ly = torch.where(finite, ly, 0.0)
+    total = torch.where(finite, lx.exp() * (lx - ly), 0.0).sum(-1)
+    return torch.where(infinite.any(-1), math.inf, total)
 
 
 def _log_mix(la: torch.Tensor, lb: torch.Tensor, wa: float) -> torch.Tensor:
@@ -88,7 +113,7 @@ def loss_and_lses(
     args: KernelArgs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted loss [n] of each row of [n, Vs] student and [n, Vt] teacher logits, and the
-    log-sum-exps (lse(x_s / T), lse(x_t / T), lse(x_s)) [n, 3] of the op contract's stats.
+    log-sum-exps (T lse(x_s / T), T lse(x_t / T), lse(x_s)) [n, 3] of the op contract's stats.
 
     Differentiable with respect to ``student``. In the compute dtype, 0 for rows whose label is
     ``ignore_index`` or whose token weight is 0. The teacher is not read without a KD term.
@@ -117,16 +142,16 @@ def loss_and_lses(
         if xt.shape[1] < kv:  # vocab="pad": the teacher has no mass on the extra columns
             xt = torch.nn.functional.pad(xt, (0, kv - xt.shape[1]), value=-math.inf)
         t = args.temperature
-        a, b = xs[:, :kv] / t, xt / t
-        lse_a, lse_b = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-        d = divergence(
-            b - lse_b[:, None], a - lse_a[:, None], DIVERGENCES[args.divergence], args.mix
-        )
+        lq, lse_a = _log_softmax(xs[:, :kv], t)
+        lp, lse_b = _log_softmax(xt, t)
+        d = divergence(lp, lq, DIVERGENCES[args.divergence], args.mix)
+        # A D that is +inf (or beyond the dtype's range) gives the row no KD gradient.
+        d = torch.where(torch.isinf(d), d.detach(), d)
         total = total + args.kd_weight * t * t * d
-    lse_c = torch.logsumexp(xs, -1)
+    lc, lse_c = _log_softmax(xs, 1.0)
     if args.ce_weight and labels is not None:
         target = torch.where(live, labels, 0).long()
-        total = total + args.ce_weight * (lse_c - xs.gather(1, target[:, None]).squeeze(1))
+        total = total - args.ce_weight * lc.gather(1, target[:, None]).squeeze(1)
     lses = torch.stack([lse_a, lse_b, lse_c], 1)
     return torch.where(live, weight * total, 0.0), torch.where(live[:, None], lses, 0.0)
 

@@ -57,8 +57,11 @@ int ce_pow(const KDParams& p) {
                                                                       : 0;
 }
 
-// Running max m and sum s of e^(x - m) over the tiles seen so far.
+// Running max m and sum s of e^((x - m) inv_t) over the tiles seen so far, with m and the
+// tiles' x in logit units: the softmax of x / T (inv_t = 1 / T; 1 for the CE's) without
+// forming x / T, which overflows where T < 1 and |x| is near the fp32 maximum.
 struct Online {
+  double inv_t = 1.0;
   float m = -kInf;
   double s = 0.0;
   float ref = 0.0f;      // finite point the current tile's exponentials are relative to
@@ -67,63 +70,102 @@ struct Online {
   void move(float tile_max) {
     const float m_new = std::max(m, tile_max);
     ref = m_new == -kInf ? 0.0f : m_new;  // an all -inf prefix keeps sum 0 without NaN
-    rescale = std::exp(static_cast<double>(m) - ref);
+    rescale = std::exp((static_cast<double>(m) - ref) * inv_t);
     s *= rescale;
     m = m_new;
   }
-  double lse() const { return m + std::log(s); }
+  double lse() const { return m * inv_t + std::log(s); }  // lse(x / T), in double
+  float stat() const { return static_cast<float>(m + std::log(s) / inv_t); }  // T lse(x / T)
 };
+
+// (x - r) / T for x <= r (r: a running max or a stats' T lse). The fast loops take it as
+// x inv_t - rs with rs = r inv_t (one FMA), off by the rounding of rs, under 1/16 where
+// |rs| <= 2^20. kWide (is_wide: larger |r / T|, which may leave the fp32 range where T < 1):
+// as written, <= 0 and never overflowing.
+template <bool kWide>
+FASTKD_HD float over_t(float x, float r, float rs, float inv_t) {
+  return kWide ? (x - r) * inv_t : x * inv_t - rs;
+}
+
+// Whether over_t needs kWide for the references r1, r2.
+bool is_wide(float r1, float r2, float inv_t) {
+  return !(std::max(std::fabs(r1), std::fabs(r2)) * inv_t <= 0x1p20f);
+}
+
+// Whether a tile of pass 1 needs kd_sums' kSlow: a partner min (kl: student, reverse_kl:
+// teacher; 0 for the other divergences) that is -inf or huge, or running maxima outside the fast
+// one_pass_term's range or over_t's fast one.
+bool slow_tile(float partner_min, float ra, float rb, float inv_t) {
+  return !(partner_min >= -kHugeLogit) ||
+         !(std::max(std::fabs(ra), std::fabs(rb)) <= kHugeLogit / 2) || is_wide(ra, rb, inv_t);
+}
 
 // Per-row values of the backward.
 struct RowGrad {
-  float la, lb, lc, big_g;   // stats
-  float kd_scale, ce_scale;  // w grad_loss kd_weight T, w grad_loss ce_weight
-  float ce_factor;           // e^(T la - lc) for the kPow shortcut
+  float tla, tlb, lc, big_g;  // stats: T lse(a), T lse(b), lse(c), G
+  float kd_scale, ce_scale;   // w grad_loss kd_weight T, w grad_loss ce_weight
+  float ce_factor;            // e^(T lse(a) - lse(c)) for the kPow shortcut
+  bool wide;                  // over_t's kWide
   int label;  // the label's column in the current tile, -1 if not in it (int: vectorises on SSE2)
 };
 
 // ---- Loop bodies, one instance per divergence (inlined into the tile kernels) ----
 //
+// All running maxima and the stats' log-sum-exps are in logit units (Online): the student's
+// x_s (CE: c = x_s) and the teacher's x_t; the loops form (x - ref) / T, never x / T.
+//
 // With T = 1 or 2 (the default) the CE's e^c needs no exponential of its own on the KD columns:
-// c = T a exactly, so e^(c - r_c) = (e^(a - r_a))^T when r_c = T r_a, and
+// e^(c - r) = (e^((x - r) / T))^T with the one running max r of both, and
 // s1 = e^(c - lse_c) = q^T e^(T lse_a - lse_c). kPow is that T, or 0 (separate exponentials).
 
-// Pass 1 on the KD columns of a tile: the sums of e^(a - ref_a), e^(b - ref_b) (and of
-// e^(c - ref_c) when kPow), and for kl (reverse_kl) the sum of e^(b - ref_b) (b - a)
-// (of e^(a - ref_a) (a - b)) into acc.
-template <int kDiv, int kPow>
-FASTKD_HD void kd_sums(const float* xs, const float* b, int64_t nk, float inv_t, Online& A,
-                       Online& B, Online& C, double& acc) {
-  const float ra = A.ref, rb = B.ref;
-  float sa = 0.0f, sb = 0.0f, sc = 0.0f, k = 0.0f;
-#pragma omp simd reduction(+ : sa, sb, sc, k)
+// Pass 1 on the KD columns of a tile (xs: x_s, xt: x_t): the sums of e^((x_s - ref_a) / T),
+// e^((x_t - ref_b) / T) (and of e^(c - ref_c) when kPow), and for kl (reverse_kl) the sum of
+// e^((x_t - ref_b) / T) (x_t - x_s) (of e^((x_s - ref_a) / T) (x_s - x_t)) into acc, and the
+// max of the lead where the partner is -inf into mi. kSlow (slow_tile: the rare case): the
+// tile has such a partner, huge logits, or needs over_t's kWide; the fast loop handles none.
+template <int kDiv, int kPow, bool kSlow>
+FASTKD_HD void kd_sums(const float* xs, const float* xt, int64_t nk, float inv_t, Online& A,
+                       Online& B, Online& C, double& acc, float& mi) {
+  const float ra = A.ref, rb = B.ref, ras = ra * inv_t, rbs = rb * inv_t;
+  float sa = 0.0f, sb = 0.0f, sc = 0.0f, k = 0.0f, mk = -kInf;
+#pragma omp simd reduction(+ : sa, sb, sc, k) reduction(max : mk)
   for (int64_t j = 0; j < nk; ++j) {
-    const float a = xs[j] * inv_t;
-    const float ea = M::exp(a - ra), eb = M::exp(b[j] - rb);
+    const float ea = M::exp(over_t<kSlow>(xs[j], ra, ras, inv_t));
+    const float eb = M::exp(over_t<kSlow>(xt[j], rb, rbs, inv_t));
     sa += ea;
     sb += eb;
     if constexpr (kPow == 1) sc += ea;
     if constexpr (kPow == 2) sc += ea * ea;
-    k += one_pass_term<kDiv>(a, b[j], ea, eb);
+    if constexpr (kDiv == kKL) {
+      k += one_pass_term<kSlow>(xt[j], xs[j], eb);
+      if constexpr (kSlow) mk = std::max(mk, masked_lead(xt[j], xs[j]));
+    }
+    if constexpr (kDiv == kReverseKL) {
+      k += one_pass_term<kSlow>(xs[j], xt[j], ea);
+      if constexpr (kSlow) mk = std::max(mk, masked_lead(xs[j], xt[j]));
+    }
   }
   A.s += sa;
   B.s += sb;
   C.s += sc;
+  mi = std::max(mi, mk);
   if constexpr (kDiv == kKL) acc = acc * B.rescale + k;
   if constexpr (kDiv == kReverseKL) acc = acc * A.rescale + k;
 }
 
 // Pass 2 of the forward (jsd, tvd, skew divergences) on the KD columns of a tile, once the
-// log-sum-exps la, lb are known: adds the tile's sums of two_pass_terms to sum_d, sum_g.
-template <int kDiv>
-FASTKD_HD void kd_terms(const KDParams& p, const float* xs, const float* b, int64_t nk, float la,
-                        float lb, double& sum_d, double& sum_g) {
-  const float inv_t = p.inv_t;
+// log-sum-exps are known (tla = T lse(a), tlb = T lse(b)): adds the tile's sums of
+// two_pass_terms to sum_d, sum_g.
+template <int kDiv, bool kWide>
+FASTKD_HD void kd_terms(const KDParams& p, const float* xs, const float* xt, int64_t nk,
+                        float tla, float tlb, double& sum_d, double& sum_g) {
+  const float inv_t = p.inv_t, las = tla * inv_t, lbs = tlb * inv_t;
   const Mixture w = p.mix;
   float sd = 0.0f, sg = 0.0f;
 #pragma omp simd reduction(+ : sd, sg)
   for (int64_t j = 0; j < nk; ++j) {
-    const float lq = xs[j] * inv_t - la, lp = b[j] - lb;
+    const float lq = over_t<kWide>(xs[j], tla, las, inv_t);
+    const float lp = over_t<kWide>(xt[j], tlb, lbs, inv_t);
     const Terms t = two_pass_terms<M, kDiv>(lq, lp, M::exp(lq), M::exp(lp), w);
     sd += t.d;
     sg += t.g;
@@ -132,18 +174,21 @@ FASTKD_HD void kd_terms(const KDParams& p, const float* xs, const float* b, int6
   sum_g += sg;
 }
 
-// The backward on the KD columns of a tile, written over b: b[j] = kd_scale dD/da_j, plus
-// ce_scale dCE/dc_j with s1_j = q_j^T e^(T la - lc) when kPow (see above).
-template <int kDiv, int kPow>
+// The backward on the KD columns of a tile, written over the teacher's x_t in b:
+// b[j] = kd_scale dD/da_j, plus ce_scale dCE/dc_j with s1_j = q_j^T e^(T lse(a) - lc) when kPow
+// (see above).
+template <int kDiv, int kPow, bool kWide>
 FASTKD_HD void kd_grad_tile(const KDParams& p, const RowGrad& r, const float* xs, float* b,
                             int64_t nk) {
-  const float inv_t = p.inv_t, la = r.la, lb = r.lb, big_g = r.big_g;
+  const float inv_t = p.inv_t, tla = r.tla, tlb = r.tlb, big_g = r.big_g;
+  const float las = tla * inv_t, lbs = tlb * inv_t;
   const float kd_scale = r.kd_scale, ce_scale = r.ce_scale, ce_factor = r.ce_factor;
   const int label = r.label;
   const Mixture w = p.mix;
 #pragma omp simd
   for (int j = 0; j < nk; ++j) {
-    const float lq = xs[j] * inv_t - la, lp = b[j] - lb;
+    const float lq = over_t<kWide>(xs[j], tla, las, inv_t);
+    const float lp = over_t<kWide>(b[j], tlb, lbs, inv_t);
     const float q = M::exp(lq);
     const float dd = kd_grad<M, kDiv>(lq, lp, q, M::exp(lp), big_g, w);
     if constexpr (kPow == 0) {  // add_ce_grad adds the CE term
@@ -157,16 +202,16 @@ FASTKD_HD void kd_grad_tile(const KDParams& p, const RowGrad& r, const float* xs
 
 // ---- Tile kernels (multiversioned) ----
 
-// dst[j] = transform(src[j]) * post (post = 1/T for the teacher's b = x_t / T).
+// dst[j] = x = transform(src[j]).
 template <class E>
 FASTKD_MULTIVERSION void load_tile(const typename E::T* src, int64_t n, float scale, float cap,
-                                   float post, float* dst) {
+                                   float* dst) {
   if (cap == 0.0f) {  // a literal 0: no tanh in the loop
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = transform<M>(E::load(src[j]), scale, 0.0f) * post;
+    for (int64_t j = 0; j < n; ++j) dst[j] = transform<M>(E::load(src[j]), scale, 0.0f);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = transform<M>(E::load(src[j]), scale, cap) * post;
+    for (int64_t j = 0; j < n; ++j) dst[j] = transform<M>(E::load(src[j]), scale, cap);
   }
 }
 
@@ -187,6 +232,18 @@ FASTKD_MULTIVERSION float tile_max(const float* x, int64_t n) {
   float m = -kInf;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// The max, and the min into lo (in the same loop it costs next to nothing).
+FASTKD_MULTIVERSION float tile_max_min(const float* x, int64_t n, float& lo) {
+  float m = -kInf, mn = kInf;
+#pragma omp simd reduction(max : m) reduction(min : mn)
+  for (int64_t j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    mn = x[j] < mn ? x[j] : mn;
+  }
+  lo = mn;
   return m;
 }
 
@@ -211,32 +268,41 @@ FASTKD_MULTIVERSION void add_ce_grad(float* g, const float* x, int64_t n, float 
 // Runtime divergence code and power -> the loops compiled for them (switches, not lambdas:
 // a lambda would be a function of its own, outside the clone's instruction set). The switches
 // over divergences take their cases from kd_math.h's list.
-template <int kDiv>
-FASTKD_HD void kd_sums_pow(int pow, const float* xs, const float* b, int64_t nk, float inv_t,
-                           Online& A, Online& B, Online& C, double& acc) {
+template <int kDiv, bool kMasked>
+FASTKD_HD void kd_sums_pow(int pow, const float* xs, const float* xt, int64_t nk, float inv_t,
+                           Online& A, Online& B, Online& C, double& acc, float& mi) {
   switch (pow) {
-    case 1: return kd_sums<kDiv, 1>(xs, b, nk, inv_t, A, B, C, acc);
-    case 2: return kd_sums<kDiv, 2>(xs, b, nk, inv_t, A, B, C, acc);
-    default: return kd_sums<kDiv, 0>(xs, b, nk, inv_t, A, B, C, acc);
+    case 1: return kd_sums<kDiv, 1, kMasked>(xs, xt, nk, inv_t, A, B, C, acc, mi);
+    case 2: return kd_sums<kDiv, 2, kMasked>(xs, xt, nk, inv_t, A, B, C, acc, mi);
+    default: return kd_sums<kDiv, 0, kMasked>(xs, xt, nk, inv_t, A, B, C, acc, mi);
   }
 }
 
-FASTKD_MULTIVERSION void kd_sums_any(int div, int pow, const float* xs, const float* b,
-                                     int64_t nk, float inv_t, Online& A, Online& B, Online& C,
-                                     double& acc) {
+// slow: kd_sums' kSlow.
+FASTKD_MULTIVERSION void kd_sums_any(int div, int pow, bool slow, const float* xs,
+                                     const float* xt, int64_t nk, float inv_t, Online& A,
+                                     Online& B, Online& C, double& acc, float& mi) {
   switch (div) {
-    case kKL: return kd_sums_pow<kKL>(pow, xs, b, nk, inv_t, A, B, C, acc);
-    case kReverseKL: return kd_sums_pow<kReverseKL>(pow, xs, b, nk, inv_t, A, B, C, acc);
-    default: return kd_sums_pow<-1>(pow, xs, b, nk, inv_t, A, B, C, acc);
+    case kKL:
+      if (slow) return kd_sums_pow<kKL, true>(pow, xs, xt, nk, inv_t, A, B, C, acc, mi);
+      return kd_sums_pow<kKL, false>(pow, xs, xt, nk, inv_t, A, B, C, acc, mi);
+    case kReverseKL:
+      if (slow) return kd_sums_pow<kReverseKL, true>(pow, xs, xt, nk, inv_t, A, B, C, acc, mi);
+      return kd_sums_pow<kReverseKL, false>(pow, xs, xt, nk, inv_t, A, B, C, acc, mi);
+    default:
+      if (slow) return kd_sums_pow<-1, true>(pow, xs, xt, nk, inv_t, A, B, C, acc, mi);
+      return kd_sums_pow<-1, false>(pow, xs, xt, nk, inv_t, A, B, C, acc, mi);
   }
 }
 
-FASTKD_MULTIVERSION void kd_terms_any(const KDParams& p, const float* xs, const float* b,
-                                      int64_t nk, float la, float lb, double& sum_d,
-                                      double& sum_g) {
+FASTKD_MULTIVERSION void kd_terms_any(bool wide, const KDParams& p, const float* xs,
+                                      const float* xt, int64_t nk, float tla, float tlb,
+                                      double& sum_d, double& sum_g) {
   switch (p.divergence) {
-#define FASTKD_TERMS_CASE(id, name) \
-  case id: return kd_terms<id>(p, xs, b, nk, la, lb, sum_d, sum_g);
+#define FASTKD_TERMS_CASE(id, name)                                              \
+  case id:                                                                       \
+    if (wide) return kd_terms<id, true>(p, xs, xt, nk, tla, tlb, sum_d, sum_g); \
+    return kd_terms<id, false>(p, xs, xt, nk, tla, tlb, sum_d, sum_g);
     FASTKD_DIVERGENCES(FASTKD_TERMS_CASE)
 #undef FASTKD_TERMS_CASE
   }
@@ -245,10 +311,11 @@ FASTKD_MULTIVERSION void kd_terms_any(const KDParams& p, const float* xs, const 
 template <int kDiv>
 FASTKD_HD void kd_grad_pow(int pow, const KDParams& p, const RowGrad& r, const float* xs,
                            float* b, int64_t nk) {
+  if (r.wide) return kd_grad_tile<kDiv, 0, true>(p, r, xs, b, nk);  // T < 1: no kPow
   switch (pow) {
-    case 1: return kd_grad_tile<kDiv, 1>(p, r, xs, b, nk);
-    case 2: return kd_grad_tile<kDiv, 2>(p, r, xs, b, nk);
-    default: return kd_grad_tile<kDiv, 0>(p, r, xs, b, nk);
+    case 1: return kd_grad_tile<kDiv, 1, false>(p, r, xs, b, nk);
+    case 2: return kd_grad_tile<kDiv, 2, false>(p, r, xs, b, nk);
+    default: return kd_grad_tile<kDiv, 0, false>(p, r, xs, b, nk);
   }
 }
 
@@ -264,57 +331,69 @@ FASTKD_MULTIVERSION void kd_grad_any(int pow, const KDParams& p, const RowGrad& 
 
 // ---- Row drivers ----
 
-// b = x_t / T on the tile's nk KD columns; -inf past the teacher's vocabulary (vocab='pad').
+// x_t on the tile's nk KD columns, -inf past the teacher's vocabulary (vocab='pad').
 template <class E>
 void load_teacher(const KDParams& p, const typename E::T* t, int64_t j0, int64_t nk, float* b) {
   const int64_t nt = std::clamp<int64_t>(p.vt - j0, 0, nk);
-  load_tile<E>(t + j0, nt, p.t_scale, p.t_cap, p.inv_t, b);
+  load_tile<E>(t + j0, nt, p.t_scale, p.t_cap, b);
   std::fill(b + nt, b + nk, -kInf);
 }
 
 template <class E>
 void fwd_row(const KDParams& p, const typename E::T* s, const typename E::T* t, int64_t y,
              float w, float* loss, float* stats, float* xs, float* b) {
-  Online A, B, C;
+  Online A{p.inv_t}, B{p.inv_t}, C;
   double acc = 0.0;
+  float mi = -kInf;  // the max of the lead where the partner is -inf (kl, reverse_kl)
   const int ce_pow_row = ce_pow(p);
   const int64_t cols = p.has_ce ? p.vs : (p.has_kd ? p.kv : 0);
   for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
     const int64_t n = std::min(kTile, cols - j0);
     const int64_t nk = p.has_kd ? std::clamp<int64_t>(p.kv - j0, 0, n) : 0;
-    load_tile<E>(s + j0, n, p.s_scale, p.s_cap, 1.0f, xs);
-    const float max_kd = tile_max(xs, nk);  // -inf when nk = 0
+    load_tile<E>(s + j0, n, p.s_scale, p.s_cap, xs);
+    float partner_min = 0.0f;  // of the student (kl) or the teacher (reverse_kl)
+    const float max_kd = p.divergence == kKL ? tile_max_min(xs, nk, partner_min)
+                                             : tile_max(xs, nk);  // -inf when nk = 0
     if (p.has_ce) C.move(std::max(max_kd, tile_max(xs + nk, n - nk)));
     int pow = 0;
     if (nk > 0) {
       load_teacher<E>(p, t, j0, nk, b);
-      A.move(max_kd * p.inv_t);  // max(x) / T == max(x / T): T > 0
-      B.move(tile_max(b, nk));
-      // A tile of KD columns only: so were all before it, hence r_c = T r_a exactly (x / T is
-      // exact and monotone for T in {1, 2}) and the kPow shortcut applies.
+      A.move(max_kd);
+      B.move(p.divergence == kReverseKL ? tile_max_min(b, nk, partner_min) : tile_max(b, nk));
+      // A tile of KD columns only: so were all before it, hence r_c = r_a and the kPow
+      // shortcut applies.
       pow = nk == n ? ce_pow_row : 0;
-      kd_sums_any(p.divergence, pow, xs, b, nk, p.inv_t, A, B, C, acc);
+      const bool slow = slow_tile(partner_min, A.ref, B.ref, p.inv_t);
+      kd_sums_any(p.divergence, pow, slow, xs, b, nk, p.inv_t, A, B, C, acc, mi);
     }
     if (p.has_ce && pow == 0) C.s += sum_exp(xs, n, C.ref);
   }
 
-  float la = 0.0f, lb = 0.0f, lc = 0.0f, big_g = 0.0f;
+  float tla = 0.0f, tlb = 0.0f, lc = 0.0f, big_g = 0.0f;
   double total = 0.0;
   if (p.has_kd) {
-    la = static_cast<float>(A.lse());
-    lb = static_cast<float>(B.lse());
+    tla = A.stat();
+    tlb = B.stat();
+    // lse(a) - lse(b) as (m_a - m_b) / T + log(s_a / s_b): no cancellation of large log-sum-exps.
+    const double la_lb = (static_cast<double>(A.m) - B.m) * A.inv_t + std::log(A.s / B.s);
     double d = 0.0, g = 0.0;
     if (p.divergence == kKL) {
-      d = acc / B.s - B.lse() + A.lse();
+      d = partner_masked_live<double>(mi, B.m, std::log(B.s), B.inv_t)
+              ? kInf
+              : acc * B.inv_t / B.s + la_lb;
+      g = d;  // G = D: the backward tests it for +inf (kd_grad_on)
     } else if (p.divergence == kReverseKL) {
-      d = g = acc / A.s - A.lse() + B.lse();
+      d = g = partner_masked_live<double>(mi, A.m, std::log(A.s), A.inv_t)
+                  ? kInf
+                  : acc * A.inv_t / A.s - la_lb;
     } else {
       double sum_d = 0.0;
+      const bool wide = is_wide(tla, tlb, p.inv_t);
       for (int64_t j0 = 0; j0 < p.kv; j0 += kTile) {
         const int64_t nk = std::min(kTile, p.kv - j0);
-        load_tile<E>(s + j0, nk, p.s_scale, p.s_cap, 1.0f, xs);
+        load_tile<E>(s + j0, nk, p.s_scale, p.s_cap, xs);
         load_teacher<E>(p, t, j0, nk, b);
-        kd_terms_any(p, xs, b, nk, la, lb, sum_d, g);
+        kd_terms_any(wide, p, xs, b, nk, tla, tlb, sum_d, g);
       }
       d = with_divergence(p.divergence, [&](auto div) {
         return divergence_of<decltype(div)::value>(sum_d, g, static_cast<double>(p.mix.mix));
@@ -324,17 +403,19 @@ void fwd_row(const KDParams& p, const typename E::T* s, const typename E::T* t, 
     total = static_cast<double>(p.kd_w) * p.temp * p.temp * d;
   }
   if (p.has_ce) {
-    const double lse_c = C.lse();
-    lc = static_cast<float>(lse_c);
-    // An out-of-range label gives NaN (the contract: no host check on the device).
+    lc = C.stat();
+    // An out-of-range label gives NaN (the contract: no host check on the device). The CE is
+    // (m_c - c_y) + log s_c, exact where c_y is near the max, whatever the logits' magnitude.
     const bool valid = y >= 0 && y < p.vs;
-    const double ce = valid ? lse_c - transform<M>(E::load(s[y]), p.s_scale, p.s_cap)
-                            : std::numeric_limits<double>::quiet_NaN();
+    const double ce =
+        valid ? static_cast<double>(C.m) - transform<M>(E::load(s[y]), p.s_scale, p.s_cap) +
+                    std::log(C.s)
+              : std::numeric_limits<double>::quiet_NaN();
     total += p.ce_w * ce;
   }
   *loss = static_cast<float>(w * total);
-  stats[0] = la;
-  stats[1] = lb;
+  stats[0] = tla;
+  stats[1] = tlb;
   stats[2] = lc;
   stats[3] = big_g;
 }
@@ -342,21 +423,23 @@ void fwd_row(const KDParams& p, const typename E::T* s, const typename E::T* t, 
 template <class E>
 void bwd_row(const KDParams& p, const typename E::T* s, const typename E::T* t, int64_t y,
              double scale, const float* stats, typename E::T* grad, float* xs, float* g) {
-  const int pow = ce_pow(p);
   RowGrad r;
-  r.la = stats[0];
-  r.lb = stats[1];
+  r.tla = stats[0];
+  r.tlb = stats[1];
   r.lc = stats[2];
   r.big_g = stats[3];
+  r.wide = is_wide(r.tla, r.tlb, p.inv_t);
+  const int pow = r.wide ? 0 : ce_pow(p);  // kd_grad_tile has no kPow for wide rows
+  const bool kd_on = p.has_kd && kd_grad_on(r.big_g);
   r.kd_scale = static_cast<float>(scale * p.kd_w * p.temp);
   r.ce_scale = static_cast<float>(scale * p.ce_w);
-  r.ce_factor = pow ? static_cast<float>(std::exp(pow * static_cast<double>(r.la) - r.lc)) : 0.0f;
+  r.ce_factor = pow ? static_cast<float>(std::exp(static_cast<double>(r.tla) - r.lc)) : 0.0f;
   for (int64_t j0 = 0; j0 < p.vs; j0 += kTile) {
     const int64_t n = std::min(kTile, p.vs - j0);
-    const int64_t nk = p.has_kd ? std::clamp<int64_t>(p.kv - j0, 0, n) : 0;
+    const int64_t nk = kd_on ? std::clamp<int64_t>(p.kv - j0, 0, n) : 0;
     r.label = y >= j0 && y < j0 + n ? static_cast<int>(y - j0) : -1;
     // The whole student tile is read here, before grad (possibly the same memory) is written.
-    load_tile<E>(s + j0, n, p.s_scale, p.s_cap, 1.0f, xs);
+    load_tile<E>(s + j0, n, p.s_scale, p.s_cap, xs);
     if (nk > 0) {
       load_teacher<E>(p, t, j0, nk, g);
       kd_grad_any(pow, p, r, xs, g, nk);

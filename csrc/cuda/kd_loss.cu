@@ -146,8 +146,9 @@ __device__ __forceinline__ void partition(int h, int ncols, Body&& body, Single&
   for (int i = threadIdx.x; i < ns; i += blockDim.x) single(i < h ? i : tail + (i - h));
 }
 
-// Columns j .. j+N-1 of a row: x the transformed student logits, b = x_t / T for the teacher
-// columns < tlim and -inf past them.
+// Columns j .. j+N-1 of a row: x the transformed student logits, b the transformed teacher
+// logits x_t for the teacher columns < tlim and -inf past them. Logit units throughout: the
+// kernels form (x - ref) / T, never x / T, which overflows where T < 1 (docs/design.md §3).
 template <int N>
 struct Chunk {
   int j;
@@ -181,7 +182,7 @@ __device__ __forceinline__ void load_teacher(const T* t, int j, int tlim, bool v
     for (int k = 0; k < N; ++k) b[k] = j + k < tlim ? to_float(t[j + k]) : kNegInf;
   }
 #pragma unroll
-  for (int k = 0; k < N; ++k) b[k] = transform<M>(b[k], a.t_scale, a.t_cap) * a.inv_t;
+  for (int k = 0; k < N; ++k) b[k] = transform<M>(b[k], a.t_scale, a.t_cap);
 }
 
 // Calls f(chunk) on this thread's columns of [0, ncols) of one row; h = aligned_head(s, .).
@@ -212,15 +213,17 @@ __device__ __forceinline__ float rescale(float acc, float r) {
   return fabsf(acc) == kInf ? acc : acc * r;
 }
 
-// Running max m and sum s of e^(x - ref()) over the values seen so far.
+// Running max m and sum s of e^((x - ref()) inv_t) over the values seen so far (x in logit
+// units; inv_t = 1 / T, 1 for the CE).
 struct Online {
+  float inv_t;
   float m = kNegInf;
   float s = 0.0f;
 
   // Raises the max to cover values whose max is mx; returns the factor the sums were scaled by.
   __device__ float raise(float mx) {
     if (!(mx > m)) return 1.0f;
-    const float r = M::exp(m - mx);
+    const float r = M::exp((m - mx) * inv_t);
     s *= r;
     m = mx;
     return r;
@@ -284,18 +287,20 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     const T* t = static_cast<const T*>(a.teacher) + row * a.t_stride;
 
     // Pass 1: online softmax of a = x_s / T and b = x_t / T over the KD columns and of c = x_s
-    // over all columns; acc is the sum of one_pass_term (kl, reverse_kl).
-    Online A, B, C;
-    float acc = 0.0f;
+    // over all columns (maxima in logit units); acc is the sum of one_pass_term and mi the max of
+    // masked_lead (kl, reverse_kl).
+    const float inv_t = a.inv_t;
+    Online A{inv_t}, B{inv_t}, C{1.0f};
+    float acc = 0.0f, mi = kNegInf;
     for_chunks(s, t, aligned_head(s, ncols), ncols, tlim, a, [&](const auto& ch) {
       constexpr int N = width_of<decltype(ch)>;
       if (a.has_kd) {
-        float av[N];
+        float xa[N];  // x_s on the KD columns, -inf elsewhere
         float ma = kNegInf, mb = kNegInf;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          av[k] = ch.j + k < kv ? ch.x[k] * a.inv_t : kNegInf;
-          ma = fmaxf(ma, av[k]);
+          xa[k] = ch.j + k < kv ? ch.x[k] : kNegInf;
+          ma = fmaxf(ma, xa[k]);
           mb = fmaxf(mb, ch.b[k]);
         }
         const float ra = A.raise(ma), rb = B.raise(mb);
@@ -303,16 +308,20 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
         float sa = 0.0f, sb = 0.0f, part = 0.0f;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          const float ea = M::exp(av[k] - ref_a), eb = M::exp(ch.b[k] - ref_b);
+          const float ea = M::exp((xa[k] - ref_a) * inv_t), eb = M::exp((ch.b[k] - ref_b) * inv_t);
           sa += ea;
           sb += eb;
-          part += one_pass_term<kDiv>(av[k], ch.b[k], ea, eb);
+          if constexpr (kDiv == kKL) {
+            part += one_pass_term<true>(ch.b[k], xa[k], eb);
+            mi = fmaxf(mi, masked_lead(ch.b[k], xa[k]));
+          } else if constexpr (kDiv == kReverseKL) {
+            part += one_pass_term<true>(xa[k], ch.b[k], ea);
+            mi = fmaxf(mi, masked_lead(xa[k], ch.b[k]));
+          }
         }
         A.s += sa;
         B.s += sb;
-        if constexpr (kDiv == kKL || kDiv == kReverseKL) {
-          acc = rescale(acc, kDiv == kKL ? rb : ra) + part;
-        }
+        acc = rescale(acc, kDiv == kKL ? rb : ra) + part;  // 0 for the other divergences
       }
       if (a.has_ce) {
         float mc = kNegInf;
@@ -327,37 +336,46 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
       }
     });
 
-    // Merge the threads' (max, sum) pairs: v = (mA, sA, mB, sB, mC, sC, acc).
-    const Pack<7> r = block_allreduce(
-        Pack<7>{{A.m, A.s, B.m, B.s, C.m, C.s, acc}}, [](Pack<7> x, const Pack<7>& o) {
+    // Merge the threads' (max, sum) pairs: v = (mA, sA, mB, sB, mC, sC, acc, mi).
+    const Pack<8> r = block_allreduce(
+        Pack<8>{{A.m, A.s, B.m, B.s, C.m, C.s, acc, mi}}, [inv_t](Pack<8> x, const Pack<8>& o) {
           float fx[3], fo[3];
 #pragma unroll
           for (int i = 0; i < 3; ++i) {
             const float m = fmaxf(x.v[2 * i], o.v[2 * i]);
             const float ref = m == kNegInf ? 0.0f : m;
-            fx[i] = M::exp(x.v[2 * i] - ref);
-            fo[i] = M::exp(o.v[2 * i] - ref);
+            const float it = i < 2 ? inv_t : 1.0f;
+            fx[i] = M::exp((x.v[2 * i] - ref) * it);
+            fo[i] = M::exp((o.v[2 * i] - ref) * it);
             x.v[2 * i + 1] = x.v[2 * i + 1] * fx[i] + o.v[2 * i + 1] * fo[i];
             x.v[2 * i] = m;
           }
           constexpr int i = kDiv == kKL ? 1 : 0;  // acc follows B for kl, A for reverse_kl
           x.v[6] = rescale(x.v[6], fx[i]) + rescale(o.v[6], fo[i]);
+          x.v[7] = fmaxf(x.v[7], o.v[7]);
           return x;
         });
     const float m_a = r.v[0], s_a = r.v[1], m_b = r.v[2], s_b = r.v[3], m_c = r.v[4],
                 s_c = r.v[5];
 
-    float la = 0.0f, lb = 0.0f, lc = 0.0f, big_g = 0.0f, total = 0.0f;
+    // The stats' log-sum-exps in logit units: T lse(a), T lse(b), lse(c).
+    float tla = 0.0f, tlb = 0.0f, lc = 0.0f, big_g = 0.0f, total = 0.0f;
     if (a.has_kd) {
-      la = m_a + logf(s_a);
-      lb = m_b + logf(s_b);
+      tla = m_a + a.temp * logf(s_a);
+      tlb = m_b + a.temp * logf(s_b);
       float d;
-      // kl and reverse_kl from pass 1: lse(a) - lse(b) is taken as (m_a - m_b) + log(s_a / s_b),
-      // which keeps the cancellation of the two log-sum-exps at the rounding of the small result.
+      // kl and reverse_kl from pass 1: lse(a) - lse(b) is taken as (m_a - m_b) / T +
+      // log(s_a / s_b), which keeps the cancellation of the two log-sum-exps at the rounding of
+      // the small result. G = D: the backward tests it for +inf (kd_grad_on).
       if constexpr (kDiv == kKL) {
-        d = r.v[6] / s_b + (m_a - m_b) + logf(s_a / s_b);
+        d = partner_masked_live(r.v[7], m_b, logf(s_b), inv_t)
+                ? kInf
+                : r.v[6] * inv_t / s_b + (m_a - m_b) * inv_t + logf(s_a / s_b);
+        big_g = d;
       } else if constexpr (kDiv == kReverseKL) {
-        d = r.v[6] / s_a + (m_b - m_a) + logf(s_b / s_a);
+        d = partner_masked_live(r.v[7], m_a, logf(s_a), inv_t)
+                ? kInf
+                : r.v[6] * inv_t / s_a + (m_b - m_a) * inv_t + logf(s_b / s_a);
         big_g = d;
       } else {
         // Pass 2 over the KD columns, once the log-sum-exps are known: the sums of
@@ -367,7 +385,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
           constexpr int N = width_of<decltype(ch)>;
 #pragma unroll
           for (int k = 0; k < N; ++k) {
-            const float lq = ch.x[k] * a.inv_t - la, lp = ch.b[k] - lb;
+            const float lq = (ch.x[k] - tla) * inv_t, lp = (ch.b[k] - tlb) * inv_t;
             const Terms tk = two_pass_terms<M, kDiv>(lq, lp, M::exp(lq), M::exp(lp), a.mix);
             sd += tk.d;
             sg += tk.g;
@@ -386,14 +404,16 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     if (a.has_ce) lc = m_c + logf(s_c);
     if (threadIdx.x == 0) {
       if (a.has_ce) {
-        // An out-of-range label gives NaN (the contract: no host check on the device).
+        // An out-of-range label gives NaN (the contract: no host check on the device). The CE
+        // is (m_c - c_y) + log s_c, exact where c_y is near the max at any magnitude.
         const bool valid = y >= 0 && y < vs;
-        const float ce = valid ? lc - transform<M>(to_float(s[y]), a.s_scale, a.s_cap) : NAN;
+        const float ce =
+            valid ? (m_c - transform<M>(to_float(s[y]), a.s_scale, a.s_cap)) + logf(s_c) : NAN;
         total += a.ce_w * ce;
       }
       loss[row] = w * total;
-      st[0] = la;
-      st[1] = lb;
+      st[0] = tla;
+      st[1] = tlb;
       st[2] = lc;
       st[3] = big_g;
     }
@@ -435,7 +455,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     const T* t = static_cast<const T*>(a.teacher) + row * a.t_stride;
     const float scale = w * gr.grad_loss[row * gr.gl_stride];
     const float* st = gr.stats + 4 * row;
-    const float la = st[0], lb = st[1], lc = st[2], big_g = st[3];
+    const float tla = st[0], tlb = st[1], lc = st[2], big_g = st[3], inv_t = a.inv_t;
+    const bool kd_on = a.has_kd && kd_grad_on(big_g);
     const float kd_scale = scale * a.kd_w * a.temp, ce_scale = scale * a.ce_w;
     const int h = aligned_head(s, vs);
     const bool g_vec = aligned16(g + h);
@@ -445,8 +466,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const int j = ch.j + k;
-        const float x = ch.x[k], lq = x * a.inv_t - la, lp = ch.b[k] - lb;
-        const float dd = a.has_kd && j < kv
+        const float x = ch.x[k], lq = (x - tla) * inv_t, lp = (ch.b[k] - tlb) * inv_t;
+        const float dd = kd_on && j < kv
                              ? kd_grad<M, kDiv>(lq, lp, M::exp(lq), M::exp(lp), big_g, a.mix)
                              : 0.0f;
         const float dce = a.has_ce ? ce_grad(M::exp(x - lc), j == y) : 0.0f;
