@@ -12,12 +12,19 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastkd
 from fastkd._options import LossOptions
+
+# Property tests (tests/test_properties.py) draw the same examples on every CI run, and a failure
+# prints the blob that replays it (@reproduce_failure); elsewhere they explore new examples.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    settings.load_profile("ci")
 
 # The C++ backend is part of the build: without it the suite fails, unless the build was
 # skipped on purpose.
