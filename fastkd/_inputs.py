@@ -105,7 +105,8 @@ def check_token_weights(
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
     """Token weights as a contiguous [N] tensor of the compute ``dtype`` (or None), still
-    differentiable. They must be finite and >= 0: checked on the CPU; on other devices, and
+    differentiable. They must be finite and 0 or at least the dtype's smallest normal number:
+    checked on the CPU; on other devices, and
     under torch.compile, where a check would synchronise with the host or break the graph, a
     negative weight becomes NaN instead, so the loss is NaN (NaN and inf weights make it NaN
     or inf already)."""
@@ -117,12 +118,14 @@ def check_token_weights(
     check_per_token("token_weights", token_weights, batch_shape, device)
     weights = token_weights.reshape(-1).to(dtype).contiguous()
     if weights.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = ~(torch.isfinite(weights) & (weights >= 0))
+        # A subnormal weight would make mean's 1 / sum(w) overflow.
+        tiny = torch.finfo(dtype).tiny
+        bad = ~(torch.isfinite(weights) & ((weights == 0) | (weights >= tiny)))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"token_weights must be finite and >= 0; token_weights[{i}] (flattened) is "
-                f"{float(weights[i])}"
+                f"token_weights must be finite and 0 or >= {tiny:.4g}; token_weights[{i}] "
+                f"(flattened) is {float(weights[i])}"
             )
         return weights
     return torch.where(weights >= 0, weights, torch.nan)

@@ -118,10 +118,10 @@ def kd_loss(
         labels: [N] or [B, S] integer class ids, ``ignore_index`` where a token does not count
             (for either term). Needed when the CE weight is > 0.
         <loss options>
-        token_weights: optional [N] or [B, S] per-token multipliers, finite and >= 0 (a
-            ValueError on the CPU; elsewhere a negative weight makes the loss NaN). They may
-            require grad: the loss is differentiable in them. A token of weight 0 is not
-            read, so its weight's gradient has no term from its own loss (for ``mean`` it
+        token_weights: optional [N] or [B, S] per-token multipliers, finite and 0 or a normal
+            float (a ValueError on the CPU; elsewhere a negative weight makes the loss NaN).
+            They may require grad: the loss is differentiable in them. A token of weight 0 is
+            not read, so its weight's gradient has no term from its own loss (for ``mean`` it
             keeps the denominator's).
         inplace_grad: write the gradient over ``student_logits`` during the forward (saves one
             [N, V] buffer); the logits are garbage afterwards. ``student_logits`` must then be

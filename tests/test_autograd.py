@@ -466,13 +466,14 @@ def call(fn, p, **kw):
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS)
-@pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf, -math.inf])
+# 1e-45 is subnormal: mean's 1 / sum(w) would overflow.
+@pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf, -math.inf, 1e-45])
 def test_bad_token_weights(fn, bad):
     p = problem(seed=11)
     weights = p["weights"].clone()
     weights[4] = bad
     with pytest.raises(
-        ValueError, match=r"token_weights must be finite and >= 0; token_weights\[4\]"
+        ValueError, match=r"token_weights must be finite and 0 or >= 1.175e-38; token_weights\[4\]"
     ):
         call(fn, p, token_weights=weights)
 
