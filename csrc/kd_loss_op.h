@@ -10,7 +10,10 @@
 //   static constexpr int64_t kMaxColumns;      // the widest row its kernels index
 //   static void fwd(const KDParams&, float* loss, float* stats, c10::Device);
 //   static void bwd(const KDParams&, const KDGrad&, c10::Device);
-// fwd and bwd run on the tensors' device and are not called for n = 0 rows.
+// fwd and bwd run on the tensors' device and are not called for n = 0 rows. A backend that
+// registers fastkd::kd_loss_fwd_bwd (the CPU's) also has
+//   static void fwd_bwd(const KDParams&, const KDGrad&, float* loss, float* stats, c10::Device);
+// which does what fwd then bwd do, KDGrad's stats being `stats`.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -143,6 +146,19 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(
   return {loss, stats};
 }
 
+// Checks what the backward takes beyond the forward's arguments: grad_loss and grad.
+inline void check_grad_args(const KDParams& p, const at::Tensor& student,
+                            const at::Tensor& grad_loss, const at::Tensor& grad) {
+  check_per_row(grad_loss, "grad_loss", at::kFloat, p.n, student);
+  check_on_device(grad, "grad", student);
+  TORCH_CHECK(grad.sizes() == student.sizes(), "kd_loss: grad must have the student's shape ",
+              student.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == student.scalar_type(),
+              "kd_loss: grad must have the student's dtype ", student.scalar_type(), ", got ",
+              grad.scalar_type());
+  check_last_dim(grad, "grad");
+}
+
 template <class Backend>
 void kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
                  const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& weights,
@@ -159,19 +175,38 @@ void kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
                   stats.size(1) == 4 && stats.is_contiguous(),
               "kd_loss: stats must be a contiguous float32 tensor of shape [", p.n,
               ", 4] (from kd_loss_fwd), got ", stats.scalar_type(), " ", stats.sizes());
-  check_per_row(grad_loss, "grad_loss", at::kFloat, p.n, student);
-  check_on_device(grad, "grad", student);
-  TORCH_CHECK(grad.sizes() == student.sizes(), "kd_loss: grad must have the student's shape ",
-              student.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == student.scalar_type(),
-              "kd_loss: grad must have the student's dtype ", student.scalar_type(), ", got ",
-              grad.scalar_type());
-  check_last_dim(grad, "grad");
+  check_grad_args(p, student, grad_loss, grad);
   if (p.n == 0) return;
   Backend::bwd(p,
                KDGrad{stats.data_ptr<float>(), grad_loss.data_ptr<float>(), grad_loss.stride(0),
                       grad.data_ptr(), grad.stride(0)},
                student.device());
+}
+
+// kd_loss_fwd, then kd_loss_bwd with its stats, in one call (docs/design.md §2): the loss,
+// the stats and grad = grad_loss · d loss / d student (grad may be the student itself).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_bwd(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& weights, const at::Tensor& grad_loss, int64_t divergence,
+    double temperature, double kd_weight, double ce_weight, double mix, int64_t ignore_index,
+    int64_t kd_vocab, double student_scale, double student_softcap, double teacher_scale,
+    double teacher_softcap, at::Tensor& grad) {
+  const KDParams p = resolve_params<Backend>(
+      student, teacher, labels, weights, divergence, temperature, kd_weight, ce_weight, mix,
+      ignore_index, kd_vocab, student_scale, student_softcap, teacher_scale, teacher_softcap);
+  check_grad_args(p, student, grad_loss, grad);
+  const auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({p.n}, f32);
+  at::Tensor stats = at::empty({p.n, 4}, f32);
+  if (p.n > 0) {
+    float* st = stats.data_ptr<float>();
+    Backend::fwd_bwd(p,
+                     KDGrad{st, grad_loss.data_ptr<float>(), grad_loss.stride(0),
+                            grad.data_ptr(), grad.stride(0)},
+                     loss.data_ptr<float>(), st, student.device());
+  }
+  return {loss, stats};
 }
 
 }  // namespace fastkd

@@ -7,6 +7,12 @@ registered here) implementations::
     kd_loss_fwd(student, teacher, labels?, weights?, <KernelArgs>) -> (loss [N], stats [N, 4])
     kd_loss_bwd(student, teacher, labels?, weights?, stats, grad_loss, <KernelArgs>, grad) -> ()
 
+and, for the C++ CPU kernels only, the two in one call (the gradient scale known in the
+forward: the fused linear loop, ``kd_loss(inplace_grad=True)``)::
+
+    kd_loss_fwd_bwd(student, teacher, labels?, weights?, grad_loss, <KernelArgs>, grad)
+        -> (loss [N], stats [N, 4])
+
 The scalar arguments are the fields of ``fastkd._options.KernelArgs``, in its order: the schemas
 are generated from it here, once, so no implementation can take them in another order without
 failing the argument-set test (tests/test_options.py).
@@ -59,6 +65,13 @@ for _prefix in ("", "triton_"):
     )
     torch.library.register_fake(f"fastkd::{_prefix}kd_loss_fwd", _fake_fwd, lib=_LIB)
     torch.library.register_fake(f"fastkd::{_prefix}kd_loss_bwd", _fake_bwd, lib=_LIB)
+
+
+_LIB.define(
+    "kd_loss_fwd_bwd(Tensor student, Tensor teacher, Tensor? labels, Tensor? weights, "
+    f"Tensor grad_loss, {KERNEL_ARGS_SCHEMA}, Tensor(a!) grad) -> (Tensor, Tensor)"
+)
+torch.library.register_fake("fastkd::kd_loss_fwd_bwd", _fake_fwd, lib=_LIB)
 
 
 @functools.cache

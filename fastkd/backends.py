@@ -76,6 +76,22 @@ class Backend(abc.ABC):
     ) -> None:
         """Write grad_loss[i] * d loss[i] / d student[i] into ``grad`` (may be ``student``)."""
 
+    def fwd_bwd(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        grad_loss: torch.Tensor,
+        args: KernelArgs,
+        grad: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fwd``, then ``bwd`` with its stats: (loss, stats), and the gradient written into
+        ``grad`` (may be ``student``). A backend with a fused kernel overrides it."""
+        loss, stats = self.fwd(student, teacher, labels, weights, args)
+        self.bwd(student, teacher, labels, weights, stats, grad_loss, args, grad)
+        return loss, stats
+
 
 class _OpBackend(Backend):
     """A backend whose fwd/bwd are the torch.library ops ``fastkd::{prefix}kd_loss_*``."""
@@ -153,6 +169,12 @@ class NativeBackend(_OpBackend):
 
     def load(self) -> None:
         importlib.import_module("fastkd._C")  # its static initialisers register the kernels
+
+    def fwd_bwd(self, student, teacher, labels, weights, grad_loss, args, grad):
+        if self.device_type != "cpu":  # the CPU kernels alone have the fused op
+            return super().fwd_bwd(student, teacher, labels, weights, grad_loss, args, grad)
+        op = torch.ops.fastkd.kd_loss_fwd_bwd
+        return op(student, teacher, labels, weights, grad_loss, *args, grad)
 
 
 class ReferenceBackend(Backend):

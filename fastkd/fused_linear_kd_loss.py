@@ -81,25 +81,33 @@ class _Gemms:
 def _chunk_rows(zs, zt, labels, weights, plan: _Plan, grad_scale):
     """Loss of each row of a chunk, and its CE contribution when ``plan.parts`` (else None).
     With ``grad_scale`` [c], also overwrite ``zs`` with the gradient of
-    sum(grad_scale * loss) with respect to it."""
-    loss, stats = plan.backend.fwd(zs, zt, labels, weights, plan.args)
-    ce = _ce_rows(zs, labels, weights, plan, stats[:, 2]) if plan.parts else None
-    if grad_scale is not None:
-        plan.backend.bwd(zs, zt, labels, weights, stats, grad_scale.contiguous(), plan.args, zs)
+    sum(grad_scale * loss) with respect to it, in the loss's kernel call (``fwd_bwd``)."""
+    x_y = _label_logits(zs, labels, plan) if plan.parts else None  # before zs is overwritten
+    if grad_scale is None:
+        loss, stats = plan.backend.fwd(zs, zt, labels, weights, plan.args)
+    else:
+        scale = grad_scale.contiguous()
+        loss, stats = plan.backend.fwd_bwd(zs, zt, labels, weights, scale, plan.args, zs)
+    ce = None if x_y is None else _ce_rows(x_y, labels, weights, plan, stats[:, 2])
     return loss, ce
 
 
-def _ce_rows(zs, labels, weights, plan: _Plan, lse):
-    """Weighted CE contribution of each row, from the chunk's logits and their log-sum-exp
-    at T = 1 (must run before the logits are overwritten by their gradient)."""
+def _label_logits(zs, labels, plan: _Plan):
+    """The transformed logit of each row's label (of column 0 where ignored); None without a
+    CE term."""
     args = plan.args
     if labels is None or not args.ce_weight:
         return None
+    target = torch.where(labels != args.ignore_index, labels, 0)
+    x_y = zs.gather(1, target[:, None]).squeeze(1)
+    return transform_logits(x_y, args.student_scale, args.student_softcap)
+
+
+def _ce_rows(x_y, labels, weights, plan: _Plan, lse):
+    """Weighted CE contribution of each row, from its label's logit and the log-sum-exp of its
+    logits at T = 1."""
+    args = plan.args
     live = labels != args.ignore_index
-    target = torch.where(live, labels, 0)
-    x_y = transform_logits(
-        zs.gather(1, target[:, None]).squeeze(1), args.student_scale, args.student_softcap
-    )
     w = live.to(lse.dtype) if weights is None else live * weights.to(lse.dtype)
     return torch.where(w != 0, args.ce_weight * w * (lse - x_y), 0.0)
 

@@ -7,7 +7,7 @@ import torch
 from conftest import device_for, kernel_backends
 
 import fastkd
-from fastkd._options import LossOptions
+from fastkd._options import DIVERGENCES, KernelArgs, LossOptions
 from fastkd.backends import get_backend
 
 BACKENDS = kernel_backends()
@@ -43,6 +43,40 @@ def test_opcheck(backend, divergence, optional):
     grad = torch.empty_like(student)
     bwd_args = (student, teacher, labels, weights, stats, torch.rand_like(loss), *scalars, grad)
     torch.library.opcheck(ops.bwd, bwd_args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("in_place", [True, False])
+def test_fwd_bwd_is_fwd_then_bwd(backend, divergence, in_place):
+    """Backend.fwd_bwd (the CPU's fused op, the others' fwd then bwd) gives fwd's loss and
+    stats and bwd's gradient, also written over the student itself."""
+    args = op_args(device_for(backend), divergence=divergence)
+    student, teacher, labels, weights, *scalars = args
+    kernel_args = KernelArgs(*scalars)
+    be = get_backend(backend)
+    be.load()
+    grad_loss = torch.rand(student.shape[0], device=student.device)
+    loss, stats = be.fwd(student, teacher, labels, weights, kernel_args)
+    grad = torch.empty_like(student)
+    be.bwd(student, teacher, labels, weights, stats, grad_loss, kernel_args, grad)
+    s = student.clone()
+    out = s if in_place else torch.empty_like(s)
+    fused_loss, fused_stats = be.fwd_bwd(s, teacher, labels, weights, grad_loss, kernel_args, out)
+    torch.testing.assert_close(fused_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(fused_stats, stats, rtol=0, atol=0)
+    torch.testing.assert_close(out, grad, rtol=0, atol=0)
+    if not in_place:
+        torch.testing.assert_close(s, student, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not fastkd.backends()["cpu"].available, reason="C++ backend not built")
+def test_opcheck_fwd_bwd():
+    get_backend("cpu").load()
+    student, teacher, labels, weights, *scalars = op_args("cpu")
+    grad_loss = torch.rand(student.shape[0])
+    args = (student, teacher, labels, weights, grad_loss, *scalars, torch.empty_like(student))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd_bwd, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
