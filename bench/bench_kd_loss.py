@@ -6,7 +6,7 @@ The floor, the same for every mode, is what bounds the loss on the device:
 - CPU: arithmetic. The exponentials the loss cannot do without (``exps_per_element``: e^a and
   e^b for the two softmaxes, the log of the mixture for jsd and the skew divergences, e^c for
   the CE unless it is a power of e^a) times N·V, timed as ``torch.exp`` (ATen's vectorised
-  exp, all threads) over a 4 MiB fp32 buffer (in L3; a buffer small enough for L2 makes
+  exp, all threads) over an 8 MiB fp32 buffer (in L3; a buffer small enough for L2 makes
   every call so short that starting the threads costs more than L3 does), repeated until it
   has computed that many. Its row records the count (``exps``) and the throughput it measured
   (``gexp_per_s``). ``copy`` (below) is timed beside it as the memory reference.
@@ -124,7 +124,7 @@ def exps_per_element(case: Case) -> int:
     return n
 
 
-EXP_BUFFER = 1 << 20  # fp32 elements: 4 MiB in, 4 MiB out, in L3
+EXP_BUFFER = 1 << 21  # fp32 elements: 8 MiB in, 8 MiB out, in L3
 
 
 def _exp_floor(case: Case) -> Runner:
