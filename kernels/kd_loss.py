@@ -15,6 +15,7 @@ last boundary go through one small edge tile (``_row_span``, ``_edge_cols``).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,11 @@ SKEW_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["skew_kl"])
 SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(DIVERGENCE_CODES["skew_reverse_kl"])
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+POS_INF: tl.constexpr = tl.constexpr(float("inf"))
+MAX_FLOAT: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # the largest finite fp32
+# ln 2^-1075: a log-probability at or below it is a probability of exactly 0 (csrc/kd_math.h
+# kLogMin, docs/design.md §3).
+LOG_MIN: tl.constexpr = tl.constexpr(-745.1332191019412)
 VECTOR_BYTES = 16  # one 128-bit load or store
 
 
@@ -58,14 +64,44 @@ def _dtransform(x, scale, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _online(m, s, x):
-    """Merge tile x into a running (max, sum of exp(x - max)); returns the rescale factor of
-    the old sums and the (finite) reference point used for this tile."""
+def _online(m, s, x, inv_t):
+    """Merge tile x (logit units) into a running (max, sum of exp((x - max) / T)); returns the
+    rescale factor of the old sums and the (finite) reference point used for this tile. x / T
+    itself is never formed: it overflows where T < 1 and |x| is near the fp32 maximum."""
     m_new = tl.maximum(m, tl.max(x, 0))
     ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-    rescale = tl.exp(m - ref)
-    s = s * rescale + tl.sum(tl.exp(x - ref), 0)
+    rescale = tl.exp((m - ref) * inv_t)
+    s = s * rescale + tl.sum(tl.exp((x - ref) * inv_t), 0)
     return m_new, s, rescale, ref
+
+
+@triton.jit
+def _one_pass_term(lead, partner, e_lead):
+    """kl's (reverse_kl's) share e_lead (lead - partner) of pass 1, in logit units; 0 where the
+    partner is -inf (_masked_lead decides those columns), the difference clamped to the fp32
+    range (csrc/kd_math.h one_pass_term, kSafe)."""
+    d = tl.minimum(tl.maximum(lead - partner, -MAX_FLOAT), MAX_FLOAT)
+    return tl.where(partner > NEG_INF, e_lead * d, 0.0)
+
+
+@triton.jit
+def _masked_lead(lead, partner):
+    """The lead where the partner is -inf, else -inf: its max says whether the divergence is +inf
+    (_partner_masked_live)."""
+    return tl.where(partner > NEG_INF, NEG_INF, lead)
+
+
+@triton.jit
+def _partner_masked_live(mi, m, s, inv_t):
+    """Whether a column with a partner of -inf has a lead probability above 0: mi the largest such
+    lead, m the lead's max, s its sum of exp((x - m) / T)."""
+    return (mi - m) * inv_t - tl.log(s) > LOG_MIN
+
+
+@triton.jit
+def _rescale(acc, r):
+    """acc * r, except that an infinite sum stays infinite where r underflows to 0."""
+    return tl.where(tl.abs(acc) == POS_INF, acc, acc * r)
 
 
 @triton.jit
@@ -123,7 +159,6 @@ def _load_tile(
     pad,
     VT,
     KV,
-    inv_t,
     s_scale,
     s_cap,
     t_scale,
@@ -133,9 +168,9 @@ def _load_tile(
     HAS_KD: tl.constexpr,
     KD_FULL: tl.constexpr,
 ):
-    """Transformed student logits x_s at the columns c (counted as in _row_span), and
-    a = x_s / T, b = x_t / T on the KD columns (-inf elsewhere: outside KV, or past the
-    teacher's vocabulary; everywhere without a KD term, whose teacher is then not read), and
+    """Transformed student logits x_s at the columns c (counted as in _row_span), and x_s, x_t
+    on the KD columns (a and b of docs/design.md §1 times T; -inf elsewhere: outside KV, or past
+    the teacher's vocabulary; everywhere without a KD term, whose teacher is then not read), and
     the mask of the KD columns. KD_FULL (every student column is a KD column and the teacher has
     it) keeps the teacher's mask the student's, so its loads stay vectors too."""
     zs = tl.load(s_row + c, mask=in_row, other=NEG_INF).to(tl.float32)
@@ -148,40 +183,44 @@ def _load_tile(
             kd = in_row & (c - pad < KV)
             t_mask = kd & (c - pad < VT)
         zt = tl.load(t_row + c, mask=t_mask, other=NEG_INF).to(tl.float32)
-        b = _transform(zt, t_scale, t_cap, T_CAP) * inv_t
+        b = _transform(zt, t_scale, t_cap, T_CAP)
     else:
         kd = c < 0
         b = tl.full((1,), NEG_INF, tl.float32)
-    a = tl.where(kd, xs * inv_t, NEG_INF)
+    a = tl.where(kd, xs, NEG_INF)
     return xs, a, b, kd
 
 
 @triton.jit
 def _pass1(
-    m_a, s_a, m_b, s_b, m_c, s_c, acc, xs, a, b, DIV: tl.constexpr, HAS_KD: tl.constexpr,
-    HAS_CE: tl.constexpr
+    m_a, s_a, m_b, s_b, m_c, s_c, acc, mi, xs, a, b, inv_t, DIV: tl.constexpr,
+    HAS_KD: tl.constexpr, HAS_CE: tl.constexpr
 ):  # fmt: skip
-    """Merge one tile into the forward's running sums: online log-sum-exps of a, b and x_s,
-    and acc = sum e^(b-m_b)(b-a) for kl, sum e^(a-m_a)(a-b) for reverse_kl."""
+    """Merge one tile into the forward's running sums: online log-sum-exps of a, b and x_s
+    (logit units), acc = sum e^((x_t-m_b)/T)(x_t-x_s) for kl, sum e^((x_s-m_a)/T)(x_s-x_t) for
+    reverse_kl, and mi, the max of _masked_lead."""
     if HAS_KD:
-        m_a, s_a, r_a, ref_a = _online(m_a, s_a, a)
-        m_b, s_b, r_b, ref_b = _online(m_b, s_b, b)
+        m_a, s_a, r_a, ref_a = _online(m_a, s_a, a, inv_t)
+        m_b, s_b, r_b, ref_b = _online(m_b, s_b, b, inv_t)
         if DIV == KL:
-            term = tl.where(b > NEG_INF, tl.exp(b - ref_b) * (b - a), 0.0)
-            acc = acc * r_b + tl.sum(term, 0)
+            term = _one_pass_term(b, a, tl.exp((b - ref_b) * inv_t))
+            acc = _rescale(acc, r_b) + tl.sum(term, 0)
+            mi = tl.maximum(mi, tl.max(_masked_lead(b, a), 0))
         if DIV == REVERSE_KL:
-            term = tl.where(a > NEG_INF, tl.exp(a - ref_a) * (a - b), 0.0)
-            acc = acc * r_a + tl.sum(term, 0)
+            term = _one_pass_term(a, b, tl.exp((a - ref_a) * inv_t))
+            acc = _rescale(acc, r_a) + tl.sum(term, 0)
+            mi = tl.maximum(mi, tl.max(_masked_lead(a, b), 0))
     if HAS_CE:
-        m_c, s_c, _, _ = _online(m_c, s_c, xs)
-    return m_a, s_a, m_b, s_b, m_c, s_c, acc
+        m_c, s_c, _, _ = _online(m_c, s_c, xs, 1.0)
+    return m_a, s_a, m_b, s_b, m_c, s_c, acc, mi
 
 
 @triton.jit
-def _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV: tl.constexpr):
-    """Add one tile to D and G of the divergences that need the log-sum-exps first."""
-    lq = a - lse_a
-    lp = b - lse_b
+def _pass2(d, g, a, b, tla, tlb, inv_t, mix, log_w1, log_w2, DIV: tl.constexpr):
+    """Add one tile to D and G of the divergences that need the log-sum-exps first (tla, tlb:
+    T lse(a), T lse(b))."""
+    lq = (a - tla) * inv_t
+    lp = (b - tlb) * inv_t
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == JSD:
@@ -197,26 +236,27 @@ def _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV: tl.constexpr):
     elif DIV == SKEW_KL:
         lm = _log_mix(lp, lq, log_w1, log_w2)
         d += tl.sum(tl.where(p > 0.0, p * (lp - lm), 0.0), 0)
-        qg = -(1.0 - mix) * tl.exp(lq + lp - lm)
+        qg = -tl.exp(log_w2 + lq + lp - lm)  # the weight as a log: a tiny mix stays finite
         g += tl.sum(tl.where((q > 0.0) & (p > 0.0), qg, 0.0), 0)
     else:  # SKEW_REVERSE_KL
         lm = _log_mix(lq, lp, log_w1, log_w2)
         tq = tl.where(q > 0.0, q * (lq - lm), 0.0)
         d += tl.sum(tq, 0)
-        qg = tq - mix * tl.exp(2.0 * lq - lm)
+        qg = tq - tl.exp(log_w1 + 2.0 * lq - lm)
         g += tl.sum(tl.where(q > 0.0, qg, 0.0), 0)
     return d, g
 
 
 @triton.jit
 def _grad(
-    xs, a, b, kd, is_label, lse_a, lse_b, lse_c, big_g, mix, log_w1, log_w2, kd_scale,
+    xs, a, b, kd, is_label, tla, tlb, inv_t, lse_c, big_g, mix, log_w1, log_w2, kd_scale,
     ce_scale, s_scale, s_cap, DIV: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
     S_CAP: tl.constexpr
 ):  # fmt: skip
-    """d loss / d z_s of one tile (docs/design.md §2), in fp32."""
-    lq = a - lse_a
-    lp = b - lse_b
+    """d loss / d z_s of one tile (docs/design.md §2), in fp32. A row whose D is +inf (G = D
+    for kl and reverse_kl) gets no KD gradient (docs/design.md §3)."""
+    lq = (a - tla) * inv_t
+    lp = (b - tlb) * inv_t
     q = tl.exp(lq)
     p = tl.exp(lp)
     if not HAS_KD:
@@ -233,13 +273,13 @@ def _grad(
         dd = q * (h - big_g)
     elif DIV == SKEW_KL:
         lm = _log_mix(lp, lq, log_w1, log_w2)
-        qg = tl.where((q > 0.0) & (p > 0.0), -(1.0 - mix) * tl.exp(lq + lp - lm), 0.0)
+        qg = tl.where((q > 0.0) & (p > 0.0), -tl.exp(log_w2 + lq + lp - lm), 0.0)
         dd = qg - q * big_g
     else:  # SKEW_REVERSE_KL
         lm = _log_mix(lq, lp, log_w1, log_w2)
-        qg = q * (lq - lm) - mix * tl.exp(2.0 * lq - lm)
+        qg = q * (lq - lm) - tl.exp(log_w1 + 2.0 * lq - lm)
         dd = tl.where(q > 0.0, qg - q * big_g, 0.0)
-    grad = kd_scale * tl.where(kd, dd, 0.0)
+    grad = kd_scale * tl.where(kd, tl.where(big_g != POS_INF, dd, 0.0), 0.0)
     if HAS_CE:
         grad += ce_scale * (tl.exp(xs - lse_c) - tl.where(is_label, 1.0, 0.0))
     return grad * _dtransform(xs, s_scale, s_cap, S_CAP)
@@ -271,52 +311,51 @@ def _pass1_row(
     m_c = tl.full((), NEG_INF, tl.float32)
     s_c = tl.zeros((), tl.float32)
     acc = tl.zeros((), tl.float32)
+    mi = tl.full((), NEG_INF, tl.float32)
     for start in range(lo, hi, BLOCK):
         c = start + tl.arange(0, BLOCK)
         xs, a, b, _ = _load_tile(
-            s_row, t_row, c, c < hi, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            s_row, t_row, c, c < hi, pad, VT, KV, s_scale, s_cap, t_scale, t_cap,
             S_CAP, T_CAP, HAS_KD, KD_FULL,
         )  # fmt: skip
-        m_a, s_a, m_b, s_b, m_c, s_c, acc = _pass1(
-            m_a, s_a, m_b, s_b, m_c, s_c, acc, xs, a, b, DIV, HAS_KD, HAS_CE
+        m_a, s_a, m_b, s_b, m_c, s_c, acc, mi = _pass1(
+            m_a, s_a, m_b, s_b, m_c, s_c, acc, mi, xs, a, b, inv_t, DIV, HAS_KD, HAS_CE
         )
     if ALIGN > 1:
         edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
         xs, a, b, _ = _load_tile(
-            s_row, t_row, edge, in_row, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            s_row, t_row, edge, in_row, pad, VT, KV, s_scale, s_cap, t_scale, t_cap,
             S_CAP, T_CAP, HAS_KD, KD_FULL,
         )  # fmt: skip
-        m_a, s_a, m_b, s_b, m_c, s_c, acc = _pass1(
-            m_a, s_a, m_b, s_b, m_c, s_c, acc, xs, a, b, DIV, HAS_KD, HAS_CE
+        m_a, s_a, m_b, s_b, m_c, s_c, acc, mi = _pass1(
+            m_a, s_a, m_b, s_b, m_c, s_c, acc, mi, xs, a, b, inv_t, DIV, HAS_KD, HAS_CE
         )
-    return m_a, s_a, m_b, s_b, m_c, s_c, acc
+    return m_a, s_a, m_b, s_b, m_c, s_c, acc, mi
 
 
 @triton.jit
 def _pass2_row(
-    s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap, lse_a,
-    lse_b, mix, DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
+    s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap, tla, tlb,
+    mix, log_w1, log_w2, DIV: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     KD_FULL: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
 ):  # fmt: skip
     """The forward's second pass over a row (jsd, tvd, skew divergences): D and G."""
     d = tl.zeros((), tl.float32)
     g = tl.zeros((), tl.float32)
-    log_w1 = tl.log(mix)
-    log_w2 = tl.log(1.0 - mix)
     for start in range(lo, hi, BLOCK):
         c = start + tl.arange(0, BLOCK)
         _, a, b, _ = _load_tile(
-            s_row, t_row, c, c < hi, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            s_row, t_row, c, c < hi, pad, VT, KV, s_scale, s_cap, t_scale, t_cap,
             S_CAP, T_CAP, True, KD_FULL,
         )  # fmt: skip
-        d, g = _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV)
+        d, g = _pass2(d, g, a, b, tla, tlb, inv_t, mix, log_w1, log_w2, DIV)
     if ALIGN > 1:
         edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
         _, a, b, _ = _load_tile(
-            s_row, t_row, edge, in_row, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+            s_row, t_row, edge, in_row, pad, VT, KV, s_scale, s_cap, t_scale, t_cap,
             S_CAP, T_CAP, True, KD_FULL,
         )  # fmt: skip
-        d, g = _pass2(d, g, a, b, lse_a, lse_b, mix, log_w1, log_w2, DIV)
+        d, g = _pass2(d, g, a, b, tla, tlb, inv_t, mix, log_w1, log_w2, DIV)
     return d, g
 
 
@@ -338,6 +377,8 @@ def _kd_fwd_kernel(
     kd_w,
     ce_w,
     mix,
+    log_w1,
+    log_w2,
     ignore_index,
     s_scale,
     s_cap,
@@ -360,28 +401,34 @@ def _kd_fwd_kernel(
     s_row = S + base
     t_row = T + _row_base(row, stride_t, pad, ALIGN)
     loss = tl.zeros((), tl.float32)
-    lse_a = tl.zeros((), tl.float32)
-    lse_b = tl.zeros((), tl.float32)
+    tla = tl.zeros((), tl.float32)  # the stats' T lse(a), T lse(b): logit units
+    tlb = tl.zeros((), tl.float32)
     lse_c = tl.zeros((), tl.float32)
     g = tl.zeros((), tl.float32)
     if w != 0.0:
-        m_a, s_a, m_b, s_b, m_c, s_c, acc = _pass1_row(
+        m_a, s_a, m_b, s_b, m_c, s_c, acc, mi = _pass1_row(
             s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap, DIV,
             HAS_KD, HAS_CE, S_CAP, T_CAP, KD_FULL, ALIGN, BLOCK,
         )  # fmt: skip
         d = tl.zeros((), tl.float32)
         if HAS_KD:
-            lse_a = m_a + tl.log(s_a)
-            lse_b = m_b + tl.log(s_b)
+            tla = m_a + temp * tl.log(s_a)
+            tlb = m_b + temp * tl.log(s_b)
+            # lse(a) - lse(b) as (m_a - m_b) / T + log(s_a / s_b); G = D for kl and reverse_kl
+            # (the backward tests it for +inf).
             if DIV == KL:
-                d = acc / s_b - lse_b + lse_a
+                d = acc * inv_t / s_b + (m_a - m_b) * inv_t + tl.log(s_a / s_b)
+                d = tl.where(_partner_masked_live(mi, m_b, s_b, inv_t), POS_INF, d)
+                g = d
             elif DIV == REVERSE_KL:
-                d = acc / s_a - lse_a + lse_b
+                d = acc * inv_t / s_a + (m_b - m_a) * inv_t + tl.log(s_b / s_a)
+                d = tl.where(_partner_masked_live(mi, m_a, s_a, inv_t), POS_INF, d)
                 g = d
             else:
                 d, g = _pass2_row(
                     s_row, t_row, pad, lo, hi, VS, VT, KV, inv_t, s_scale, s_cap, t_scale,
-                    t_cap, lse_a, lse_b, mix, DIV, S_CAP, T_CAP, KD_FULL, ALIGN, BLOCK,
+                    t_cap, tla, tlb, mix, log_w1, log_w2, DIV, S_CAP, T_CAP, KD_FULL, ALIGN,
+                    BLOCK,
                 )  # fmt: skip
         loss = kd_w * temp * temp * d
         if HAS_CE:
@@ -389,11 +436,12 @@ def _kd_fwd_kernel(
             valid = (y >= 0) & (y < VS)
             zy = tl.load(s_row + pad + y, mask=valid, other=0.0).to(tl.float32)
             xy = _transform(zy, s_scale, s_cap, S_CAP)
-            loss += ce_w * tl.where(valid, lse_c - xy, float("nan"))
+            # (m_c - c_y) + log s_c: exact where c_y is near the max, at any magnitude.
+            loss += ce_w * tl.where(valid, (m_c - xy) + tl.log(s_c), float("nan"))
         loss = w * loss
     tl.store(LOSS + row, loss)
-    tl.store(STATS + row * 4 + 0, lse_a)
-    tl.store(STATS + row * 4 + 1, lse_b)
+    tl.store(STATS + row * 4 + 0, tla)
+    tl.store(STATS + row * 4 + 1, tlb)
     tl.store(STATS + row * 4 + 2, lse_c)
     tl.store(STATS + row * 4 + 3, g)
 
@@ -418,6 +466,8 @@ def _kd_bwd_kernel(
     kd_w,
     ce_w,
     mix,
+    log_w1,
+    log_w2,
     ignore_index,
     s_scale,
     s_cap,
@@ -443,37 +493,32 @@ def _kd_bwd_kernel(
     offs = tl.arange(0, BLOCK)
     if w != 0.0:
         scale = w * tl.load(GL + row)
-        lse_a = tl.load(STATS + row * 4 + 0)
-        lse_b = tl.load(STATS + row * 4 + 1)
+        tla = tl.load(STATS + row * 4 + 0)
+        tlb = tl.load(STATS + row * 4 + 1)
         lse_c = tl.load(STATS + row * 4 + 2)
         big_g = tl.load(STATS + row * 4 + 3)
-        log_w1 = 0.0
-        log_w2 = 0.0
-        if DIV != KL and DIV != REVERSE_KL and DIV != TVD:
-            log_w1 = tl.log(mix)
-            log_w2 = tl.log(1.0 - mix)
         kd_scale = scale * kd_w * temp
         ce_scale = scale * ce_w
         label = y + pad
         for start in range(lo, hi, BLOCK):
             c = start + offs
             xs, a, b, kd = _load_tile(
-                s_row, t_row, c, c < hi, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+                s_row, t_row, c, c < hi, pad, VT, KV, s_scale, s_cap, t_scale, t_cap,
                 S_CAP, T_CAP, HAS_KD, KD_FULL,
             )  # fmt: skip
             grad = _grad(
-                xs, a, b, kd, c == label, lse_a, lse_b, lse_c, big_g, mix, log_w1, log_w2,
+                xs, a, b, kd, c == label, tla, tlb, inv_t, lse_c, big_g, mix, log_w1, log_w2,
                 kd_scale, ce_scale, s_scale, s_cap, DIV, HAS_KD, HAS_CE, S_CAP,
             )  # fmt: skip
             tl.store(g_row + c, grad.to(G.dtype.element_ty), mask=c < hi)
         if ALIGN > 1:
             edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
             xs, a, b, kd = _load_tile(
-                s_row, t_row, edge, in_row, pad, VT, KV, inv_t, s_scale, s_cap, t_scale, t_cap,
+                s_row, t_row, edge, in_row, pad, VT, KV, s_scale, s_cap, t_scale, t_cap,
                 S_CAP, T_CAP, HAS_KD, KD_FULL,
             )  # fmt: skip
             grad = _grad(
-                xs, a, b, kd, edge == label, lse_a, lse_b, lse_c, big_g, mix, log_w1, log_w2,
+                xs, a, b, kd, edge == label, tla, tlb, inv_t, lse_c, big_g, mix, log_w1, log_w2,
                 kd_scale, ce_scale, s_scale, s_cap, DIV, HAS_KD, HAS_CE, S_CAP,
             )  # fmt: skip
             tl.store(g_row + edge, grad.to(G.dtype.element_ty), mask=in_row)
@@ -536,6 +581,10 @@ def launch_meta(
         kd_w=args.kd_weight,
         ce_w=args.ce_weight,
         mix=args.mix,
+        # The mixture's weights as logs, from the host in double: log(mix) of a subnormal mix
+        # (skew 1e-39) is finite there, and no kernel forms it (0 for the other divergences).
+        log_w1=math.log(args.mix) if args.mix else 0.0,
+        log_w2=math.log1p(-args.mix) if args.mix else 0.0,
         ignore_index=args.ignore_index,
         s_scale=args.student_scale,
         s_cap=args.student_softcap,
