@@ -61,14 +61,14 @@ class KDLossFunction(torch.autograd.Function):
     def forward(
         ctx, student, teacher, labels, weights, backend: Backend, args: KernelArgs, inplace
     ):
-        loss, stats = backend.fwd(student, teacher, labels, weights, args)
         ctx.backend, ctx.args = backend, args
         ctx.inplace = inplace and student.requires_grad
-        if ctx.inplace:
-            ones = torch.ones_like(loss)
-            backend.bwd(student, teacher, labels, weights, stats, ones, args, student)
+        if ctx.inplace:  # one call: the CPU kernels read each row once for loss and gradient
+            ones = student.new_ones(student.shape[0], dtype=torch.float32)
+            loss, _ = backend.fwd_bwd(student, teacher, labels, weights, ones, args, student)
             ctx.save_for_backward(student)  # saved after the write: later edits are caught
         else:
+            loss, stats = backend.fwd(student, teacher, labels, weights, args)
             ctx.save_for_backward(student, teacher, labels, weights, stats)
         return loss
 
