@@ -147,7 +147,8 @@ def loss_and_lses(
         d = divergence(lp, lq, DIVERGENCES[args.divergence], args.mix)
         # A D that is +inf (or beyond the dtype's range) gives the row no KD gradient.
         d = torch.where(torch.isinf(d), d.detach(), d)
-        total = total + args.kd_weight * t * t * d
+        # T^2 D first: kd_weight T^2 can underflow in fp32 (a subnormal kd_weight), times inf.
+        total = total + args.kd_weight * (t * t * d)
     lc, lse_c = _log_softmax(xs, 1.0)
     if args.ce_weight and labels is not None:
         target = torch.where(live, labels, 0).long()
@@ -215,6 +216,9 @@ def kd_loss_bwd(
         with torch.enable_grad():
             s = student[rows].detach().requires_grad_(True)
             loss = kd_loss_rows(s, teacher[rows], _part(labels, rows), _part(weights, rows), args)
+            if not loss.requires_grad:  # no term (both weights 0, or no labels and no KD)
+                grad[rows] = 0.0
+                continue
             (g,) = torch.autograd.grad(
                 loss, s, grad_loss[rows].to(loss.dtype), materialize_grads=True
             )

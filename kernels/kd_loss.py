@@ -430,7 +430,7 @@ def _kd_fwd_kernel(
                     t_cap, tla, tlb, mix, log_w1, log_w2, DIV, S_CAP, T_CAP, KD_FULL, ALIGN,
                     BLOCK,
                 )  # fmt: skip
-        loss = kd_w * temp * temp * d
+        loss = kd_w * (temp * temp * d)  # kd_w T^2 can underflow (a subnormal kd_w), times inf
         if HAS_CE:
             lse_c = m_c + tl.log(s_c)
             valid = (y >= 0) & (y < VS)

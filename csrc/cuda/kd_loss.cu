@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
         d = divergence_of<kDiv>(sums.v[0], sums.v[1], a.mix.mix);
         big_g = sums.v[1];
       }
-      total = a.kd_w * a.temp * a.temp * d;
+      total = a.kd_w * (a.temp * a.temp * d);  // kd_w T^2 can underflow (a subnormal kd_w)
     }
     if (a.has_ce) lc = m_c + logf(s_c);
     if (threadIdx.x == 0) {
