@@ -28,7 +28,10 @@ from fastkd.kd_loss import LossModule, check_first_order, graph_kept
 from fastkd.reference import compute_dtype, transform_logits
 
 MiB = 1 << 20
-DEFAULT_MEMORY_BUDGET = {"cpu": 64 * MiB, "cuda": 2048 * MiB}
+DEFAULT_MEMORY_BUDGET = {"cpu": 512 * MiB, "cuda": 2048 * MiB}
+# Rows of a default chunk at most, per device: the CPU's fp32 GEMMs of a chunk run ~35% slower
+# per row at 256 rows than at 512, and hardly faster beyond (docs/design.md §5).
+GEMM_ROWS = {"cpu": 512}
 
 
 @dataclass(frozen=True)
@@ -338,11 +341,12 @@ def fused_linear_kd_loss(
         teacher_logits: or the teacher as logits [N, Vt] / [B, S, Vt] (then no teacher head).
             With CE only (``alpha=1`` or ``kd_weight=0``) no teacher is needed.
         student_bias: optional [V] student lm_head bias.
-        token_weights: optional [N] or [B, S] per-token multipliers, finite and >= 0, as
-            in :func:`fastkd.kd_loss`; they may require grad.
+        token_weights: optional [N] or [B, S] per-token multipliers, finite and 0 or a normal
+            float, as in :func:`fastkd.kd_loss`; they may require grad.
         chunk_size: token rows per chunk; default from ``memory_budget``.
         memory_budget: bytes for one chunk's logits (student, and teacher with a KD term,
-            fp32); default 64 MiB on CPU, 2 GiB on CUDA.
+            fp32); default on CPU: 512 rows (the fewest at which its GEMMs run at full speed),
+            at most 512 MiB; on CUDA 2 GiB.
         shift_labels: labels are at the input positions (transformers convention); the loss
             at position t uses labels[t + 1], the last position of each sequence is ignored.
         backend: ``triton``, ``cuda``, ``cpu`` or ``reference``; default ``FASTKD_BACKEND``,
@@ -491,6 +495,7 @@ def _chunk(chunk_size, memory_budget, h_s, row_bytes: int) -> int:
         return min(chunk_size, n)
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET.get(h_s.device.type, DEFAULT_MEMORY_BUDGET["cpu"])
+        n = min(n, GEMM_ROWS.get(h_s.device.type, n))
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     return max(1, min(n, memory_budget // row_bytes))

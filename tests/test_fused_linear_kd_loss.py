@@ -395,6 +395,8 @@ def test_cpu_extra_memory_is_bounded_and_independent_of_n():
     for n in (4096, 16384):
         extra[n] = peak_memory_bytes(MEMORY_SETUP.format(n=n), f"run({n})")
         full = n * 32000 * 4
-        assert extra[n] < full / 4, f"N={n}: {extra[n] / 2**20:.0f} MiB extra"
+        # At most one default chunk (512 rows, fastkd.fused_linear_kd_loss.GEMM_ROWS) of both
+        # models' fp32 logits: a quarter of [N, V] at N = 4096, plus the fp32 weight gradient.
+        assert extra[n] < full / 3, f"N={n}: {extra[n] / 2**20:.0f} MiB extra"
     # What grows with N is grad_hidden (N x 64 fp32) and the labels: a few MiB.
     assert extra[16384] < extra[4096] + 16 * 2**20, extra
