@@ -209,17 +209,18 @@ def kd_loss_bwd(
     args: KernelArgs,
     grad: torch.Tensor,
 ) -> None:
-    """The op contract's backward: recompute each chunk of rows under autograd and write its
-    gradient into ``grad`` (which may be ``student``: a chunk is read before it is written).
-    A student -inf logit gets no gradient."""
+    """The op contract's backward: recompute each chunk of rows and write its gradient into
+    ``grad`` (which may be ``student``: a chunk is read before it is written). ``torch.func.vjp``
+    rather than ``torch.autograd.grad``, so that torch.compile traces it (and a term that does
+    not depend on the student, both weights 0, gives a zero gradient). A student -inf logit gets
+    no gradient."""
     for rows in _row_chunks(student.shape[0], student.shape[1]):
-        with torch.enable_grad():
-            s = student[rows].detach().requires_grad_(True)
-            loss = kd_loss_rows(s, teacher[rows], _part(labels, rows), _part(weights, rows), args)
-            if not loss.requires_grad:  # no term (both weights 0, or no labels and no KD)
-                grad[rows] = 0.0
-                continue
-            (g,) = torch.autograd.grad(
-                loss, s, grad_loss[rows].to(loss.dtype), materialize_grads=True
-            )
+        s = student[rows]
+        loss, vjp = torch.func.vjp(
+            lambda x, rows=rows: kd_loss_rows(
+                x, teacher[rows], _part(labels, rows), _part(weights, rows), args
+            ),
+            s,
+        )
+        (g,) = vjp(grad_loss[rows].to(loss.dtype))
         grad[rows] = g.masked_fill(s == -math.inf, 0.0)

@@ -354,15 +354,7 @@ def test_inplace_grad_over_logits_another_op_saved(backend):
 # --- torch.compile ----------------------------------------------------------------------------
 
 
-# Until fastkd/reference.py's bwd uses torch.func.vjp: dynamo does not trace autograd.grad.
-COMPILE_BACKENDS = [
-    pytest.param(
-        "reference",
-        id="reference",
-        marks=pytest.mark.xfail(reason="reference bwd calls torch.autograd.grad", strict=True),
-    ),
-    *kernel_backends(),
-]
+COMPILE_BACKENDS = ["reference", *kernel_backends()]
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
