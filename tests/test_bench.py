@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from fastkd.bench import profile
 from fastkd.bench.harness import Case, Runner, Unavailable, runner_for, time_side_by_side
 from fastkd.bench.run import cases, run
 from fastkd.cli import bench_parser
@@ -189,3 +190,15 @@ def test_peer_computes_fastkd_loss(contender, module, kw):
         pytest.fail(f"{contender} is unavailable on {DEVICE}: {exc}")
     ref = _value(case, "fastkd-reference")
     assert abs(peer - ref) < 1e-4 * abs(ref), (contender, peer, ref)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_profile_split_accounts_for_the_step(alpha):
+    """The profile finds every GEMM of the step and its row kernel, and its parts add up to the
+    wall time (``other`` is the rest)."""
+    r = profile.split(64, 16, 24, 301, "jsd", alpha, reps=1)
+    gemms = ["gemm student", "gemm grad_h", "gemm grad_W"] + ["gemm teacher"] * (alpha != 1)
+    assert all(r[g] > 0 for g in gemms) and r["row kernel"] > 0
+    assert (r["gemm teacher"] > 0) == (alpha != 1)
+    total = sum(r[p] for p in profile.PARTS) + r["other"]
+    assert total == pytest.approx(r["wall"]) and r["floor"] > 0
