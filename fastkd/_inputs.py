@@ -106,10 +106,9 @@ def check_token_weights(
 ) -> torch.Tensor | None:
     """Token weights as a contiguous [N] tensor of the compute ``dtype`` (or None), still
     differentiable. They must be finite and 0 or at least the dtype's smallest normal number:
-    checked on the CPU; on other devices, and
-    under torch.compile, where a check would synchronise with the host or break the graph, a
-    negative weight becomes NaN instead, so the loss is NaN (NaN and inf weights make it NaN
-    or inf already)."""
+    checked on the CPU; on other devices, and under torch.compile, where a check would
+    synchronise with the host or break the graph, a negative weight becomes NaN instead, so the
+    loss is NaN (NaN and inf weights make it NaN or inf already)."""
     if token_weights is None:
         return None
     check_tensor("token_weights", token_weights)
@@ -136,6 +135,11 @@ def row_mask(weights: torch.Tensor | None) -> torch.Tensor | None:
     The losses multiply the kernels' row losses by the weights themselves, so that autograd
     (or, for the fused linear loss, its own backward) differentiates them (docs/design.md §5)."""
     return None if weights is None else (weights != 0).to(torch.float32)
+
+
+def weigh_rows(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' unweighted row losses (see ``row_mask``) times the token weights."""
+    return rows if weights is None else rows * weights
 
 
 def row_scale(

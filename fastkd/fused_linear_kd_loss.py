@@ -203,7 +203,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
             if plan.reduction == "none":
                 rows, ce, _ = _chunk_loop(plan, tensors, None, needs)
                 ctx.save_for_backward(*tensors[:-1], weights)
-                loss, ce = _weigh(rows, weights), _weigh(ce, weights)
+                loss, ce = _inputs.weigh_rows(rows, weights), _inputs.weigh_rows(ce, weights)
             else:
                 loss, ce = FusedLinearKDFunction._forward_scalar(ctx, tensors, weights)
         ctx.mark_non_differentiable(ce)
@@ -226,7 +226,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         )
         row_grad = scale.expand(h_s.shape[0]) if weights is None else scale * weights
         rows, ce, grads = _chunk_loop(plan, tensors, row_grad if any(needs) else None, needs)
-        loss = _weigh(rows, weights).sum() * scale
+        loss = _inputs.weigh_rows(rows, weights).sum() * scale
         grad_weights = None
         if ctx.needs_input_grad[8]:
             grad_weights = scale * rows
@@ -234,7 +234,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
                 counted = 1.0 if labels is None else labels != plan.args.ignore_index
                 grad_weights = grad_weights - scale * loss * counted
         ctx.save_for_backward(*grads, grad_weights)
-        return loss, _weigh(ce, weights).sum() * scale
+        return loss, _inputs.weigh_rows(ce, weights).sum() * scale
 
     @staticmethod
     def backward(ctx, grad_out, _grad_ce):
@@ -243,7 +243,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
         if ctx.plan.reduction == "none":  # the rows' scales are known now: recompute
             *tensors, weights = ctx.saved_tensors
             tensors.append(_inputs.row_mask(weights))
-            row_grad = _weigh(grad_out, weights)
+            row_grad = _inputs.weigh_rows(grad_out, weights)
             with torch.autocast(grad_out.device.type, enabled=False):
                 rows, _, grads = _chunk_loop(ctx.plan, tensors, row_grad, needs)
             grad_weights = grad_out * rows if ctx.needs_input_grad[8] else None
@@ -258,10 +258,6 @@ class FusedLinearKDFunction(torch.autograd.Function):
             if grad_weights is not None:
                 grad_weights = grad_weights * grad_out
         return (*grads, None, None, None, None, None, grad_weights, None)
-
-
-def _weigh(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    return rows if weights is None else rows * weights
 
 
 @overload

@@ -169,8 +169,8 @@ def kd_loss(
         args,
         inplace_grad,
     )
-    if weights is not None:  # outside the kernels, so autograd differentiates the weights
-        rows = rows * weights
+    # Weighted outside the kernels, so autograd differentiates the weights.
+    rows = _inputs.weigh_rows(rows, weights)
     return _inputs.reduce_loss(
         rows, labels, weights, args.ignore_index, opts.reduction, batch_shape
     )
