@@ -27,12 +27,19 @@ from typing import NamedTuple
 
 import torch
 
-from fastkd._options import KernelArgs
+from fastkd._options import KernelArgs, SparseKernelArgs
 
 _SCHEMA_TYPES = {int: "int", float: "float"}
-KERNEL_ARGS_SCHEMA = ", ".join(
-    f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in typing.get_type_hints(KernelArgs).items()
-)
+
+
+def _args_schema(args: type) -> str:
+    return ", ".join(
+        f"{_SCHEMA_TYPES[kind]} {name}" for name, kind in typing.get_type_hints(args).items()
+    )
+
+
+KERNEL_ARGS_SCHEMA = _args_schema(KernelArgs)
+SPARSE_ARGS_SCHEMA = _args_schema(SparseKernelArgs)
 
 _LIB = torch.library.Library("fastkd", "DEF")
 
@@ -40,6 +47,8 @@ _LIB = torch.library.Library("fastkd", "DEF")
 class KernelOps(NamedTuple):
     fwd: Callable
     bwd: Callable
+    sparse_fwd: Callable
+    sparse_bwd: Callable
 
 
 def _fake_fwd(student, teacher, labels, weights, *args):
@@ -74,6 +83,37 @@ _LIB.define(
 torch.library.register_fake("fastkd::kd_loss_fwd_bwd", _fake_fwd, lib=_LIB)
 
 
+def _fake_sparse_fwd(student, ids, logprobs, labels, weights, *args):
+    n = student.shape[0]
+    return (
+        student.new_empty((n,), dtype=torch.float32),
+        student.new_empty((n, 3), dtype=torch.float32),
+    )
+
+
+# The sparse (cached top-k teacher) ops, docs/design.md §11: ids [N, k] int64 and logprobs
+# [N, k] fp32 instead of the teacher's logits; stats [N, 3].
+for _prefix in ("", "triton_"):
+    _LIB.define(
+        f"{_prefix}sparse_kd_loss_fwd(Tensor student, Tensor ids, Tensor logprobs, "
+        f"Tensor? labels, Tensor? weights, {SPARSE_ARGS_SCHEMA}) -> (Tensor, Tensor)"
+    )
+    _LIB.define(
+        f"{_prefix}sparse_kd_loss_bwd(Tensor student, Tensor ids, Tensor logprobs, "
+        f"Tensor? labels, Tensor? weights, Tensor stats, Tensor grad_loss, "
+        f"{SPARSE_ARGS_SCHEMA}, Tensor(a!) grad) -> ()"
+    )
+    torch.library.register_fake(f"fastkd::{_prefix}sparse_kd_loss_fwd", _fake_sparse_fwd, lib=_LIB)
+    torch.library.register_fake(f"fastkd::{_prefix}sparse_kd_loss_bwd", _fake_bwd, lib=_LIB)
+
+_LIB.define(
+    "sparse_kd_loss_fwd_bwd(Tensor student, Tensor ids, Tensor logprobs, Tensor? labels, "
+    f"Tensor? weights, Tensor grad_loss, {SPARSE_ARGS_SCHEMA}, Tensor(a!) grad) "
+    "-> (Tensor, Tensor)"
+)
+torch.library.register_fake("fastkd::sparse_kd_loss_fwd_bwd", _fake_sparse_fwd, lib=_LIB)
+
+
 @functools.cache
 def register_triton() -> None:
     """Register the Triton launchers for the ``triton_kd_loss_*`` ops (CPU tensors run through
@@ -88,6 +128,8 @@ def register_triton() -> None:
 def kernel_ops(prefix: str) -> KernelOps:
     """The ``fastkd::{prefix}kd_loss_*`` ops. Plain attribute lookups, so it traces."""
     return KernelOps(
-        getattr(torch.ops.fastkd, f"{prefix}kd_loss_fwd"),
-        getattr(torch.ops.fastkd, f"{prefix}kd_loss_bwd"),
+        *(
+            getattr(torch.ops.fastkd, f"{prefix}{name}")
+            for name in ("kd_loss_fwd", "kd_loss_bwd", "sparse_kd_loss_fwd", "sparse_kd_loss_bwd")
+        )
     )

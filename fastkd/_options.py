@@ -22,10 +22,12 @@ from typing import Any, Literal, NamedTuple, TypeVar
 Divergence = Literal["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
 Reduction = Literal["mean", "sum", "none", "batchmean"]
 VocabMode = Literal["truncate", "pad"]
+Tail = Literal["bucket", "renormalize", "ignore"]
 
 DIVERGENCES: tuple[str, ...] = typing.get_args(Divergence)
 REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
 VOCAB_MODES: tuple[str, ...] = typing.get_args(VocabMode)
+TAILS: tuple[str, ...] = typing.get_args(Tail)  # the code of a tail mode is its index
 DIVERGENCE_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
 
 # A docstring line holding only this marker is replaced by the options' docs.
@@ -50,6 +52,22 @@ class KernelArgs(NamedTuple):
     student_softcap: float  # 0: no softcap
     teacher_scale: float
     teacher_softcap: float
+
+
+class SparseKernelArgs(NamedTuple):
+    """The scalar arguments of the sparse (cached top-k teacher) kernel ops, in the order of
+    their schemas (docs/design.md §11): ``KernelArgs`` less the teacher's transform and
+    ``kd_vocab`` (the cached log-probabilities are final), plus the tail mode."""
+
+    divergence: int
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    mix: float
+    ignore_index: int
+    tail: int  # index in TAILS
+    student_scale: float
+    student_softcap: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from fastkd import _ops, reference
-from fastkd._options import KernelArgs
+from fastkd._options import KernelArgs, SparseKernelArgs
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,6 +38,7 @@ class Backend(abc.ABC):
 
     name: str
     dtypes: tuple[torch.dtype, ...]  # of the logits it computes on
+    has_sparse: bool = True  # implements the sparse ops (docs/design.md §11)
 
     @abc.abstractmethod
     def status(self) -> BackendStatus:
@@ -92,6 +93,52 @@ class Backend(abc.ABC):
         self.bwd(student, teacher, labels, weights, stats, grad_loss, args, grad)
         return loss, stats
 
+    # The sparse ops (a cached top-k teacher: ids and log-probabilities instead of logits).
+
+    def sparse_fwd(
+        self,
+        student: torch.Tensor,
+        ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        labels: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        args: SparseKernelArgs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss [N], stats [N, 3]) of [N, V] student rows against [N, k] cached ids and
+        log-probabilities (docs/design.md §11)."""
+        raise NotImplementedError(self.name)
+
+    def sparse_bwd(
+        self,
+        student: torch.Tensor,
+        ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        labels: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        stats: torch.Tensor,
+        grad_loss: torch.Tensor,
+        args: SparseKernelArgs,
+        grad: torch.Tensor,
+    ) -> None:
+        """Write grad_loss[i] * d loss[i] / d student[i] into ``grad`` (may be ``student``)."""
+        raise NotImplementedError(self.name)
+
+    def sparse_fwd_bwd(
+        self,
+        student: torch.Tensor,
+        ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        labels: torch.Tensor | None,
+        weights: torch.Tensor | None,
+        grad_loss: torch.Tensor,
+        args: SparseKernelArgs,
+        grad: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sparse_fwd``, then ``sparse_bwd`` with its stats, as ``fwd_bwd``."""
+        loss, stats = self.sparse_fwd(student, ids, logprobs, labels, weights, args)
+        self.sparse_bwd(student, ids, logprobs, labels, weights, stats, grad_loss, args, grad)
+        return loss, stats
+
 
 class _OpBackend(Backend):
     """A backend whose fwd/bwd are the torch.library ops ``fastkd::{prefix}kd_loss_*``."""
@@ -115,6 +162,12 @@ class _OpBackend(Backend):
 
     def bwd(self, student, teacher, labels, weights, stats, grad_loss, args, grad):
         self.ops.bwd(student, teacher, labels, weights, stats, grad_loss, *args, grad)
+
+    def sparse_fwd(self, student, ids, logprobs, labels, weights, args):
+        return self.ops.sparse_fwd(student, ids, logprobs, labels, weights, *args)
+
+    def sparse_bwd(self, student, ids, logprobs, labels, weights, stats, grad_loss, args, grad):
+        self.ops.sparse_bwd(student, ids, logprobs, labels, weights, stats, grad_loss, *args, grad)
 
 
 class TritonBackend(_OpBackend):
@@ -153,6 +206,7 @@ class NativeBackend(_OpBackend):
 
     def __init__(self, device_type: str) -> None:
         self.name = self.device_type = device_type
+        self.has_sparse = device_type == "cpu"  # no CUDA C++ sparse kernels: triton has them
 
     def status(self) -> BackendStatus:
         module, err = _native()
@@ -176,6 +230,10 @@ class NativeBackend(_OpBackend):
         op = torch.ops.fastkd.kd_loss_fwd_bwd
         return op(student, teacher, labels, weights, grad_loss, *args, grad)
 
+    def sparse_fwd_bwd(self, student, ids, logprobs, labels, weights, grad_loss, args, grad):
+        op = torch.ops.fastkd.sparse_kd_loss_fwd_bwd
+        return op(student, ids, logprobs, labels, weights, grad_loss, *args, grad)
+
 
 class ReferenceBackend(Backend):
     """``fastkd.reference``: plain PyTorch on any device, fp64 inputs in fp64."""
@@ -197,6 +255,14 @@ class ReferenceBackend(Backend):
 
     def bwd(self, student, teacher, labels, weights, stats, grad_loss, args, grad):
         reference.kd_loss_bwd(student, teacher, labels, weights, stats, grad_loss, args, grad)
+
+    def sparse_fwd(self, student, ids, logprobs, labels, weights, args):
+        return reference.sparse_kd_loss_fwd(student, ids, logprobs, labels, weights, args)
+
+    def sparse_bwd(self, student, ids, logprobs, labels, weights, stats, grad_loss, args, grad):
+        reference.sparse_kd_loss_bwd(
+            student, ids, logprobs, labels, weights, stats, grad_loss, args, grad
+        )
 
 
 _REGISTRY: dict[str, Backend] = {
@@ -253,15 +319,19 @@ def check_backend_name(backend: str | None) -> None:
 
 
 @torch.compiler.assume_constant_result  # runs once while tracing; the graph keeps the name
-def select_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The name of the backend for one call on tensors of ``device`` and ``dtype``, loaded and
-    ready, or a clear error."""
-    backend = _choose(requested, device, dtype)
+def select_backend(
+    requested: str | None, device: torch.device, dtype: torch.dtype, sparse: bool = False
+) -> str:
+    """The name of the backend for one call on tensors of ``device`` and ``dtype`` (of the
+    sparse ops with ``sparse``), loaded and ready, or a clear error."""
+    backend = _choose(requested, device, dtype, sparse)
     backend.load()
     return backend.name
 
 
-def _choose(requested: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
+def _choose(
+    requested: str | None, device: torch.device, dtype: torch.dtype, sparse: bool
+) -> Backend:
     source = "backend"
     if requested is None and os.environ.get("FASTKD_BACKEND"):
         requested, source = os.environ["FASTKD_BACKEND"], "FASTKD_BACKEND"
@@ -270,6 +340,12 @@ def _choose(requested: str | None, device: torch.device, dtype: torch.dtype) -> 
     if requested not in _REGISTRY:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
     backend = _REGISTRY[requested]
+    if sparse and not backend.has_sparse:
+        with_sparse = tuple(name for name, b in _REGISTRY.items() if b.has_sparse)
+        raise ValueError(
+            f"{source}={requested!r} has no sparse (cached top-k teacher) kernels; the sparse "
+            f"losses run on {with_sparse}"
+        )
     if dtype not in backend.dtypes:
         raise TypeError(
             f"{source}={requested!r} computes on float32/bfloat16/float16 logits, got {dtype}; "
