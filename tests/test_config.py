@@ -197,3 +197,20 @@ def test_distill_config_rejects(kwargs, match):
 def test_run_arguments_reject(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RunArguments(**kwargs)
+
+
+def test_teacher_cache_and_tail_flags():
+    """Both spellings of --teacher_cache (HfArgumentParser adds the dashed one), and tail."""
+    for flag in ("--teacher_cache", "--teacher-cache"):
+        run, config, _ = parse_distill_args([*REQUIRED, flag, "cache", "--tail", "renormalize"])
+        assert (run.teacher_cache, run.teacher, config.tail) == ("cache", [], "renormalize")
+    run, config, _ = parse_distill_args(REQUIRED)
+    assert run.teacher_cache is None and config.tail == "bucket"
+
+
+def test_tail_is_checked(capsys):
+    with pytest.raises(ValueError, match=r"tail must be one of \('bucket', 'renormalize', 'igno"):
+        DistillConfig(tail="drop")
+    assert "argument --tail: invalid choice: 'drop'" in parse_error(
+        capsys, [*REQUIRED, "--tail", "drop"]
+    )

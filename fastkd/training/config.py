@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fastkd._options import Divergence, LossOptions, VocabMode
+from fastkd._options import TAILS, Divergence, LossOptions, Tail, VocabMode
 
 LayerMode = Literal["auto", "all", "key", "late"]
 LAYER_MODES = ("auto", "all", "key", "late")
@@ -55,6 +55,15 @@ class DistillConfig:
         metadata=_help(
             "when teacher and student vocabularies differ: truncate (compare the shared "
             "prefix) or pad (missing teacher entries are -inf)"
+        ),
+    )
+    tail: Tail = field(
+        default="bucket",
+        metadata=_help(
+            "with a teacher cache (top-k of the teacher): how the mass outside the cached ids "
+            "is treated; bucket: one more bin against the student's mass outside them, "
+            "renormalize: both distributions renormalized over the cached ids, ignore: the "
+            "teacher's renormalized, the student's not (see fastkd.sparse_kd_loss)"
         ),
     )
     feature_weight: float = field(
@@ -124,6 +133,7 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        _choice("tail", self.tail, TAILS)
         _choice("feature_loss", self.feature_loss, ("mse", "cosine"))
         _choice("attention_loss", self.attention_loss, ("kl", "mse"))
         _choice("multi_teacher", self.multi_teacher, ("logits", "losses"))
@@ -187,8 +197,17 @@ class RunArguments:
         default_factory=list,
         metadata={
             "help": "teacher model directory; repeat the flag or give several for several "
-            "teachers (none with self_distillation)",
+            "teachers (none with self_distillation or --teacher_cache)",
             "action": "extend",
+            "metavar": "DIR",
+        },
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "distil from a teacher cache (a directory written by fastkd cache-teacher: "
+            "the teacher's top-k per token) instead of --teacher; the data, tokenizer and "
+            "--block_size must be those it was built from, --temperature its temperature",
             "metavar": "DIR",
         },
     )

@@ -319,13 +319,31 @@ def _flat(tokens: datasets.Dataset, column: str) -> np.ndarray:
     )
 
 
+def split_indices(
+    num_blocks: int, eval_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block numbers of the training and held-out sides of ``split_blocks``.
+
+    ``round(num_blocks * eval_fraction)`` blocks, clamped so each side gets at least one, are
+    drawn by a permutation seeded with ``seed``.
+
+    Returns:
+        ``(train_blocks, eval_blocks)``, int64, each sorted (the original block order).
+    """
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if num_blocks < 2:
+        raise ValueError(f"need at least 2 blocks to split into train and eval, got {num_blocks}")
+    n_eval = min(max(round(num_blocks * eval_fraction), 1), num_blocks - 1)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    return perm[n_eval:].sort().values, perm[:n_eval].sort().values
+
+
 def split_blocks(
     input_ids: torch.Tensor, labels: torch.Tensor, eval_fraction: float, seed: int
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Hold out a random, reproducible subset of blocks for evaluation.
-
-    ``round(num_blocks * eval_fraction)`` blocks, clamped so each side gets at least one, are
-    drawn by a permutation seeded with ``seed``; each side keeps the original block order.
+    """Hold out a random, reproducible subset of blocks for evaluation (``split_indices``
+    says which); each side keeps the original block order.
 
     Args:
         input_ids: ``[num_blocks, block_size]``.
@@ -336,21 +354,17 @@ def split_blocks(
     Returns:
         ``((train_ids, train_labels), (eval_ids, eval_labels))``.
     """
+    _check_blocks(input_ids, labels)
+    train_idx, eval_idx = split_indices(input_ids.shape[0], eval_fraction, seed)
+    return (input_ids[train_idx], labels[train_idx]), (input_ids[eval_idx], labels[eval_idx])
+
+
+def _check_blocks(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
     if input_ids.dim() != 2 or labels.shape != input_ids.shape:
         raise ValueError(
             f"input_ids and labels must be [num_blocks, block_size] of one shape, got "
             f"{tuple(input_ids.shape)} and {tuple(labels.shape)}"
         )
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    n = input_ids.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 blocks to split into train and eval, got {n}")
-    n_eval = min(max(round(n * eval_fraction), 1), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    eval_idx = perm[:n_eval].sort().values
-    train_idx = perm[n_eval:].sort().values
-    return (input_ids[train_idx], labels[train_idx]), (input_ids[eval_idx], labels[eval_idx])
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -359,16 +373,25 @@ class BlockDataset(torch.utils.data.Dataset):
     Each item is ``{"input_ids", "attention_mask", "labels"}``, int64 ``[block_size]``; the
     attention mask is all ones (blocks are full), labels are in the same positions as
     input_ids with -100 where not a target. Batches with ``default_data_collator``.
+
+    ``blocks`` [num_blocks] are the rows' block numbers in the packed data (``pack``'s output,
+    before any split): what a teacher cache is indexed by. Default: 0, 1, 2, ...
     """
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+    def __init__(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, blocks: torch.Tensor | None = None
+    ) -> None:
+        _check_blocks(input_ids, labels)
+        if blocks is None:
+            blocks = torch.arange(input_ids.shape[0])
+        elif blocks.shape != input_ids.shape[:1]:
             raise ValueError(
-                f"input_ids and labels must be [num_blocks, block_size] of one shape, got "
-                f"{tuple(input_ids.shape)} and {tuple(labels.shape)}"
+                f"blocks must hold one block number per row ({input_ids.shape[0]}), got shape "
+                f"{tuple(blocks.shape)}"
             )
         self.input_ids = input_ids
         self.labels = labels
+        self.blocks = blocks
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -378,6 +401,53 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
 
 
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """A ``BlockDataset`` whose items also hold the cached teacher's top-k of each position:
+    ``teacher_ids`` int64 and ``teacher_logprobs`` fp32, ``[block_size, k]``, read from
+    ``cache`` (a ``fastkd.training.teacher_cache.TeacherCache``) by the row's block number when
+    the item is fetched (a batch at once: ``__getitems__``). ``default_data_collator`` stacks
+    them into ``[B, block_size, k]``, the ``Distiller``'s ``teacher_ids``/``teacher_logprobs``.
+    """
+
+    def __init__(self, dataset: BlockDataset, cache) -> None:
+        if dataset.input_ids.shape[1] != cache.block_size:
+            raise ValueError(
+                f"the blocks hold {dataset.input_ids.shape[1]} tokens, the teacher cache's "
+                f"{cache.block_size}"
+            )
+        last = int(dataset.blocks.max()) if len(dataset) else -1
+        if last >= cache.num_blocks:
+            raise ValueError(
+                f"block number {last} is beyond the teacher cache's {cache.num_blocks} blocks"
+            )
+        self.dataset = dataset
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        ids, logprobs = self.cache.blocks(self.dataset.blocks[list(indices)])
+        return [
+            {**self.dataset[i], "teacher_ids": t_ids, "teacher_logprobs": t_lp}
+            for i, t_ids, t_lp in zip(indices, ids, logprobs)
+        ]
+
+
+def split_datasets(
+    input_ids: torch.Tensor, labels: torch.Tensor, eval_fraction: float, seed: int
+) -> tuple[BlockDataset, BlockDataset]:
+    """``split_blocks`` as datasets that know their rows' block numbers."""
+    _check_blocks(input_ids, labels)
+    return tuple(
+        BlockDataset(input_ids[idx], labels[idx], idx)
+        for idx in split_indices(input_ids.shape[0], eval_fraction, seed)
+    )
+
+
 def held_out_split(
     records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
@@ -385,11 +455,10 @@ def held_out_split(
     eval_fraction: float,
     seed: int,
 ) -> tuple[BlockDataset, BlockDataset]:
-    """``pack`` -> ``split_blocks``: the training and held-out blocks of ``fastkd distill``;
+    """``pack`` -> ``split_datasets``: the training and held-out blocks of ``fastkd distill``;
     ``fastkd eval`` with the same records, tokenizer, block size, fraction and seed gets the
     same held-out blocks."""
-    train, held_out = split_blocks(*pack(records, tokenizer, block_size), eval_fraction, seed)
-    return BlockDataset(*train), BlockDataset(*held_out)
+    return split_datasets(*pack(records, tokenizer, block_size), eval_fraction, seed)
 
 
 def load_dataset(
