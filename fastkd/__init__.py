@@ -21,29 +21,46 @@ _EXPORTS = {
     "KDLoss": "fastkd.kd_loss",
     "kd_loss": "fastkd.kd_loss",
     "LossOptions": "fastkd._options",
+    "SparseLossOptions": "fastkd._options",
+    "FusedLinearSparseKDLoss": "fastkd.sparse_kd_loss",
+    "SparseKDLoss": "fastkd.sparse_kd_loss",
+    "fused_linear_sparse_kd_loss": "fastkd.sparse_kd_loss",
+    "sparse_kd_loss": "fastkd.sparse_kd_loss",
 }
 __all__ = [
     "BackendStatus",
     "FusedLinearKDLoss",
+    "FusedLinearSparseKDLoss",
     "KDLoss",
     "KDLossParts",
     "LossOptions",
+    "SparseKDLoss",
+    "SparseLossOptions",
     "backends",
     "fused_linear_kd_loss",
+    "fused_linear_sparse_kd_loss",
     "kd_loss",
+    "sparse_kd_loss",
 ]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fastkd._options import LossOptions
+    from fastkd._options import LossOptions, SparseLossOptions
     from fastkd.backends import BackendStatus, backends
     from fastkd.fused_linear_kd_loss import FusedLinearKDLoss, KDLossParts, fused_linear_kd_loss
     from fastkd.kd_loss import KDLoss, kd_loss
+    from fastkd.sparse_kd_loss import (
+        FusedLinearSparseKDLoss,
+        SparseKDLoss,
+        fused_linear_sparse_kd_loss,
+        sparse_kd_loss,
+    )
 
 
 class _Package(types.ModuleType):
-    """``fastkd.kd_loss`` and ``fastkd.fused_linear_kd_loss`` are functions, as they were when
-    imported eagerly: importing the submodules of those names must not rebind them."""
+    """``fastkd.kd_loss``, ``fastkd.fused_linear_kd_loss`` (and the sparse twins) are
+    functions, as they were when imported eagerly: importing the submodules of those names
+    must not rebind them."""
 
     def __getattr__(self, name: str):
         if name not in _EXPORTS:

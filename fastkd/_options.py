@@ -17,7 +17,7 @@ import textwrap
 import typing
 from collections.abc import Callable
 from dataclasses import field
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 Divergence = Literal["kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
 Reduction = Literal["mean", "sum", "none", "batchmean"]
@@ -83,6 +83,9 @@ class LossOptions:
     Args:
         <loss options>
     """
+
+    # Fields a loss of this kind does not take (left out of its signature and docs).
+    NOT_TAKEN: ClassVar[tuple[str, ...]] = ()
 
     temperature: float = field(
         default=2.0,
@@ -277,7 +280,69 @@ class LossOptions:
         )
 
 
-LOSS_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
+@dataclasses.dataclass(frozen=True)
+class SparseLossOptions(LossOptions):
+    """The options of the sparse losses (a cached top-k teacher: ``fastkd.sparse_kd_loss``):
+    those of ``LossOptions`` but the teacher's logit transform and vocabulary mode (the cached
+    log-probabilities are final), plus ``tail``. ``temperature`` must be the one the cache was
+    made at. Per token::
+
+        loss = alpha * CE(z_s, label) + (1 - alpha) * T^2 * D(p_bins || q_bins)
+
+    Args:
+        <loss options>
+    """
+
+    NOT_TAKEN: ClassVar[tuple[str, ...]] = ("teacher_logit_scale", "teacher_softcap", "vocab")
+
+    tail: Tail = field(
+        default="bucket",
+        metadata={
+            "doc": "how the probability outside the k cached tokens counts: bucket (one more "
+            "bin holding each model's tail mass 1 - sum over the k tokens; the divergence of "
+            "the two (k+1)-bin distributions; equals kd_loss when k = V), renormalize (both "
+            "renormalized over the k tokens) or ignore (the teacher renormalized over the k "
+            "tokens, the student's full-vocabulary probabilities there, as DistillKit)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("tail", self.tail, TAILS)
+        defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+        for name in self.NOT_TAKEN:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name} does not apply to a cached teacher: its log-probabilities are "
+                    "final (made at the cache's temperature by fastkd cache-teacher)"
+                )
+
+    def sparse_kernel_args(self) -> SparseKernelArgs:
+        """The canonical sparse kernel arguments (the rewrites of ``kernel_args``)."""
+        args = self.kernel_args(1, 1)
+        return SparseKernelArgs(
+            divergence=args.divergence,
+            temperature=args.temperature,
+            kd_weight=args.kd_weight,
+            ce_weight=args.ce_weight,
+            mix=args.mix,
+            ignore_index=args.ignore_index,
+            tail=TAILS.index(self.tail),
+            student_scale=args.student_scale,
+            student_softcap=args.student_softcap,
+        )
+
+
+def option_fields(options: type[LossOptions] = LossOptions) -> list[dataclasses.Field]:
+    """The fields of an options class that its losses take, in order."""
+    return [f for f in dataclasses.fields(options) if f.name not in options.NOT_TAKEN]
+
+
+def option_names(options: type[LossOptions] = LossOptions) -> frozenset[str]:
+    return frozenset(f.name for f in option_fields(options))
+
+
+LOSS_OPTION_NAMES = option_names(LossOptions)
 
 
 def _number(name: str, value: object) -> float:
@@ -303,18 +368,18 @@ def _choice(name: str, value: object, allowed: tuple[str, ...], extra: str = "")
 # --- the options in signatures and docstrings ------------------------------------------------
 
 
-def option_parameters() -> list[inspect.Parameter]:
-    """The fields of ``LossOptions`` as keyword-only parameters, with defaults and types."""
-    hints = typing.get_type_hints(LossOptions)
+def option_parameters(options: type[LossOptions] = LossOptions) -> list[inspect.Parameter]:
+    """The fields of an options class as keyword-only parameters, with defaults and types."""
+    hints = typing.get_type_hints(options)
     return [
         inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name]
         )
-        for f in dataclasses.fields(LossOptions)
+        for f in option_fields(options)
     ]
 
 
-def document_options(doc: str) -> str:
+def document_options(doc: str, options: type[LossOptions] = LossOptions) -> str:
     """``doc`` with its ``OPTIONS_MARKER`` line replaced by one entry per option (its default
     is said where it is not None; the doc of a None default says what None means)."""
     lines = doc.split("\n")
@@ -328,7 +393,7 @@ def document_options(doc: str) -> str:
             initial_indent=indent,
             subsequent_indent=indent + "    ",
         )
-        for f in dataclasses.fields(LossOptions)
+        for f in option_fields(options)
     ]
     return "\n".join([*lines[:i], *entries, *lines[i + 1 :]])
 
@@ -336,19 +401,29 @@ def document_options(doc: str) -> str:
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
-def takes_loss_options(function: _Function) -> _Function:
-    """Give a loss function whose ``**options`` are the ``LossOptions`` fields the options as
-    keyword parameters in its signature (before its own) and their docs in its docstring (at
-    ``OPTIONS_MARKER``). The function itself is unchanged, so it still traces."""
-    sig = inspect.signature(function, eval_str=True)
-    *own, rest = sig.parameters.values()
-    if rest.kind is not inspect.Parameter.VAR_KEYWORD:
-        raise TypeError(f"{function.__name__} must end with **options")
-    keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-    function.__signature__ = sig.replace(parameters=[*positional, *option_parameters(), *keyword])
-    function.__doc__ = document_options(function.__doc__)
-    return function
+def takes_loss_options(
+    options: type[LossOptions] = LossOptions,
+) -> Callable[[_Function], _Function]:
+    """Decorator: give a loss function whose ``**options`` are the fields of ``options`` (a
+    ``LossOptions`` class) the options as keyword parameters in its signature (before its own)
+    and their docs in its docstring (at ``OPTIONS_MARKER``); ``function.loss_options`` is the
+    class. The function itself is unchanged, so it still traces."""
+
+    def decorate(function: _Function) -> _Function:
+        sig = inspect.signature(function, eval_str=True)
+        *own, rest = sig.parameters.values()
+        if rest.kind is not inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"{function.__name__} must end with **options")
+        keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        params = [*positional, *option_parameters(options), *keyword]
+        function.__signature__ = sig.replace(parameters=params)
+        function.__doc__ = document_options(function.__doc__, options)
+        function.loss_options = options
+        return function
+
+    return decorate
 
 
 LossOptions.__doc__ = document_options(LossOptions.__doc__)
+SparseLossOptions.__doc__ = document_options(SparseLossOptions.__doc__, SparseLossOptions)

@@ -140,6 +140,37 @@ class Backend(abc.ABC):
         return loss, stats
 
 
+class RowKernel(NamedTuple):
+    """The row ops of one loss call: a backend's dense ops (the teacher as logits) or its sparse
+    ops (a cached teacher's ids and log-probabilities, with ``SparseKernelArgs``), bound to the
+    call's kernel arguments. ``teacher`` is a tuple of tensors: ``(logits,)`` or
+    ``(ids, logprobs)``, so one autograd Function and one fused chunk loop serve both."""
+
+    backend: Backend
+    args: KernelArgs | SparseKernelArgs
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.args, SparseKernelArgs)
+
+    @property
+    def lse_column(self) -> int:
+        """The stats column holding lse(x) at T = 1 (the CE's)."""
+        return 1 if self.sparse else 2
+
+    def fwd(self, student, teacher: tuple, labels, weights):
+        op = self.backend.sparse_fwd if self.sparse else self.backend.fwd
+        return op(student, *teacher, labels, weights, self.args)
+
+    def bwd(self, student, teacher: tuple, labels, weights, stats, grad_loss, grad) -> None:
+        op = self.backend.sparse_bwd if self.sparse else self.backend.bwd
+        op(student, *teacher, labels, weights, stats, grad_loss, self.args, grad)
+
+    def fwd_bwd(self, student, teacher: tuple, labels, weights, grad_loss, grad):
+        op = self.backend.sparse_fwd_bwd if self.sparse else self.backend.fwd_bwd
+        return op(student, *teacher, labels, weights, grad_loss, self.args, grad)
+
+
 class _OpBackend(Backend):
     """A backend whose fwd/bwd are the torch.library ops ``fastkd::{prefix}kd_loss_*``."""
 

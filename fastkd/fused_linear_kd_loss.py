@@ -22,8 +22,8 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 
 from fastkd import _inputs
-from fastkd._options import KernelArgs, LossOptions, takes_loss_options
-from fastkd.backends import Backend, get_backend, select_backend
+from fastkd._options import KernelArgs, LossOptions, SparseKernelArgs, takes_loss_options
+from fastkd.backends import RowKernel, get_backend, select_backend
 from fastkd.kd_loss import LossModule, check_first_order, graph_kept
 from fastkd.reference import compute_dtype, transform_logits
 
@@ -38,8 +38,7 @@ GEMM_ROWS = {"cpu": 512}
 class _Plan:
     """Everything about one call that is not a tensor."""
 
-    args: KernelArgs
-    backend: Backend
+    kernel: RowKernel  # the backend's row ops (dense or sparse) with the call's arguments
     reduction: str
     chunk: int
     low_precision_gemm: bool  # bf16/fp16 GEMMs with fp32 output (CUDA) instead of upcasts
@@ -81,24 +80,25 @@ class _Gemms:
             acc.addmm_(a, b)
 
 
-def _chunk_rows(zs, zt, labels, weights, plan: _Plan, grad_scale):
-    """Loss of each row of a chunk, and its CE contribution when ``plan.parts`` (else None).
-    With ``grad_scale`` [c], also overwrite ``zs`` with the gradient of
-    sum(grad_scale * loss) with respect to it, in the loss's kernel call (``fwd_bwd``)."""
+def _chunk_rows(zs, teacher: tuple, labels, weights, plan: _Plan, grad_scale):
+    """Loss of each row of a chunk against its teacher rows (``plan.kernel``'s tensors), and
+    its CE contribution when ``plan.parts`` (else None). With ``grad_scale`` [c], also overwrite
+    ``zs`` with the gradient of sum(grad_scale * loss) with respect to it, in the loss's kernel
+    call (``fwd_bwd``)."""
     x_y = _label_logits(zs, labels, plan) if plan.parts else None  # before zs is overwritten
+    kernel = plan.kernel
     if grad_scale is None:
-        loss, stats = plan.backend.fwd(zs, zt, labels, weights, plan.args)
+        loss, stats = kernel.fwd(zs, teacher, labels, weights)
     else:
-        scale = grad_scale.contiguous()
-        loss, stats = plan.backend.fwd_bwd(zs, zt, labels, weights, scale, plan.args, zs)
-    ce = None if x_y is None else _ce_rows(x_y, labels, weights, plan, stats[:, 2])
+        loss, stats = kernel.fwd_bwd(zs, teacher, labels, weights, grad_scale.contiguous(), zs)
+    ce = None if x_y is None else _ce_rows(x_y, labels, weights, plan, stats[:, kernel.lse_column])
     return loss, ce
 
 
 def _label_logits(zs, labels, plan: _Plan):
     """The transformed logit of each row's label (of column 0 where ignored); None without a
     CE term."""
-    args = plan.args
+    args = plan.kernel.args
     if labels is None or not args.ce_weight:
         return None
     target = torch.where(labels != args.ignore_index, labels, 0)
@@ -109,29 +109,52 @@ def _label_logits(zs, labels, plan: _Plan):
 def _ce_rows(x_y, labels, weights, plan: _Plan, lse):
     """Weighted CE contribution of each row, from its label's logit and the log-sum-exp of its
     logits at T = 1."""
-    args = plan.args
+    args = plan.kernel.args
     live = labels != args.ignore_index
     w = live.to(lse.dtype) if weights is None else live * weights.to(lse.dtype)
     return torch.where(w != 0, args.ce_weight * w * (lse - x_y), 0.0)
 
 
+def _teacher_chunks(plan: _Plan, gemm: _Gemms, teacher: tuple, rows_max: int, like):
+    """A function of a chunk's rows giving its teacher tensors for ``plan.kernel``: the cached
+    ids and log-probabilities (sparse), or the teacher's fp32 logits (given, or from its hidden
+    states and head), written into one buffer allocated here. With CE only no kernel reads the
+    teacher (docs/design.md §2): a teacher with no columns, no buffer."""
+    if plan.kernel.sparse:
+        ids, logprobs = teacher
+        return lambda rows: (ids[rows], logprobs[rows])
+    h_t, w_t, b_t, z_t = teacher
+    if not plan.kernel.args.kd_weight:
+        empty = like.new_empty((rows_max, 0), dtype=gemm.ct)
+        return lambda rows: (empty[: rows.stop - rows.start],)
+    wt = None if w_t is None else gemm.operand(w_t)
+    vt = z_t.shape[1] if z_t is not None else w_t.shape[0]
+    buf = like.new_empty((rows_max, vt), dtype=gemm.ct)
+
+    def chunk(rows: slice) -> tuple:
+        out = buf[: rows.stop - rows.start]
+        if z_t is not None:
+            return (out.copy_(z_t[rows]),)
+        zt = gemm.into(gemm.operand(h_t[rows]), wt.t(), out)
+        return (zt if b_t is None else zt.add_(b_t),)
+
+    return chunk
+
+
 def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
-    """Run every chunk. Returns per-row losses, their CE contributions and, when
-    ``grad_scale`` [N] is given, the gradients of sum(grad_scale * loss) for the student
-    tensors flagged in ``needs`` (hidden, weight, bias), in their dtypes. The chunk's logits
-    live in two buffers allocated once: the extra memory is one chunk, whatever N."""
-    h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights = tensors
+    """Run every chunk. ``tensors`` are the student's (hidden, weight, bias), the labels, the
+    kernels' weights and the teacher's tensors. Returns per-row losses, their CE contributions
+    and, when ``grad_scale`` [N] is given, the gradients of sum(grad_scale * loss) for the
+    student tensors flagged in ``needs`` (hidden, weight, bias), in their dtypes. The chunk's
+    logits live in buffers allocated once: the extra memory is one chunk, whatever N."""
+    h_s, w_s, b_s, labels, weights, *teacher = tensors
     n = h_s.shape[0]
     gemm = _Gemms(plan, h_s.dtype)
     ct = gemm.ct
     ws = gemm.operand(w_s)
     rows_max = min(plan.chunk, n)
     zs_buf = h_s.new_empty((rows_max, w_s.shape[0]), dtype=ct)
-    kd = plan.args.kd_weight != 0  # CE only: no backend reads the teacher (docs/design.md §2)
-    if kd:
-        wt = None if w_t is None else gemm.operand(w_t)
-        vt = z_t.shape[1] if z_t is not None else w_t.shape[0]
-        zt_buf = h_s.new_empty((rows_max, vt), dtype=ct)
+    teacher_rows = _teacher_chunks(plan, gemm, tuple(teacher), rows_max, h_s)
     loss = h_s.new_empty(n, dtype=ct)
     ce = h_s.new_zeros(n, dtype=ct)
     want = grad_scale is not None
@@ -147,17 +170,9 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
         zs = gemm.into(hs, ws.t(), zs_buf[: rows.stop - start])
         if b_s is not None:
             zs.add_(b_s)
-        if not kd:
-            zt = zs[:, :0]  # a teacher with no columns: nothing to read
-        elif z_t is not None:
-            zt = zt_buf[: rows.stop - start].copy_(z_t[rows])
-        else:
-            zt = gemm.into(gemm.operand(h_t[rows]), wt.t(), zt_buf[: rows.stop - start])
-            if b_t is not None:
-                zt.add_(b_t)
         loss[rows], ce_rows = _chunk_rows(
             zs,
-            zt,
+            teacher_rows(rows),
             None if labels is None else labels[rows],
             None if weights is None else weights[rows],
             plan,
@@ -183,9 +198,10 @@ def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
-    """Autograd of the chunked fused linear KD loss (every backend; the row kernel is the
-    backend's). Returns the loss reduced as ``plan.reduction`` says (per-row for ``none``)
-    and, not differentiable, its CE contribution reduced the same way.
+    """Autograd of the chunked fused linear loss (every backend; the row kernel is the
+    backend's, dense or sparse: ``plan.kernel``, whose teacher tensors are ``teacher``). Returns
+    the loss reduced as ``plan.reduction`` says (per-row for ``none``) and, not differentiable,
+    its CE contribution reduced the same way.
 
     The kernels get the 0/1 mask of the weighted tokens (``row_mask``) and return the rows'
     unweighted losses u; the token weights w multiply them here, and each row's gradient
@@ -194,15 +210,15 @@ class FusedLinearKDFunction(torch.autograd.Function):
     the loss; ``none``: u (times grad_output in each case)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, weights, plan: _Plan):
-        tensors = (h_s, w_s, b_s, h_t, w_t, b_t, z_t, labels, _inputs.row_mask(weights))
+    def forward(ctx, h_s, w_s, b_s, labels, weights, plan: _Plan, *teacher):
+        tensors = (h_s, w_s, b_s, labels, _inputs.row_mask(weights), *teacher)
         ctx.plan = plan
         needs = ctx.needs_input_grad[:3]
         # The logits must be fp32 GEMM outputs, also inside an autocast region.
         with torch.autocast(h_s.device.type, enabled=False):
             if plan.reduction == "none":
                 rows, ce, _ = _chunk_loop(plan, tensors, None, needs)
-                ctx.save_for_backward(*tensors[:-1], weights)
+                ctx.save_for_backward(h_s, w_s, b_s, labels, weights, *teacher)
                 loss, ce = _inputs.weigh_rows(rows, weights), _inputs.weigh_rows(ce, weights)
             else:
                 loss, ce = FusedLinearKDFunction._forward_scalar(ctx, tensors, weights)
@@ -214,13 +230,14 @@ class FusedLinearKDFunction(torch.autograd.Function):
         """Forward of a scalar reduction: the loss, its CE part and, saved for backward, the
         gradients for a grad_output of 1."""
         plan, needs = ctx.plan, ctx.needs_input_grad[:3]
-        h_s, labels = tensors[0], tensors[7]
+        h_s, labels = tensors[0], tensors[3]
+        ignore_index = plan.kernel.args.ignore_index
         scale = _inputs.row_scale(
             plan.reduction,
             h_s.shape[0],
             labels,
             weights,
-            plan.args.ignore_index,
+            ignore_index,
             compute_dtype(h_s.dtype),
             h_s.device,
         )
@@ -228,10 +245,10 @@ class FusedLinearKDFunction(torch.autograd.Function):
         rows, ce, grads = _chunk_loop(plan, tensors, row_grad if any(needs) else None, needs)
         loss = _inputs.weigh_rows(rows, weights).sum() * scale
         grad_weights = None
-        if ctx.needs_input_grad[8]:
+        if ctx.needs_input_grad[4]:
             grad_weights = scale * rows
             if plan.reduction == "mean":  # the denominator sum(w [counted]) depends on w
-                counted = 1.0 if labels is None else labels != plan.args.ignore_index
+                counted = 1.0 if labels is None else labels != ignore_index
                 grad_weights = grad_weights - scale * loss * counted
         ctx.save_for_backward(*grads, grad_weights)
         return loss, _inputs.weigh_rows(ce, weights).sum() * scale
@@ -241,12 +258,12 @@ class FusedLinearKDFunction(torch.autograd.Function):
         check_first_order("fused_linear_kd_loss")
         needs = ctx.needs_input_grad[:3]
         if ctx.plan.reduction == "none":  # the rows' scales are known now: recompute
-            *tensors, weights = ctx.saved_tensors
-            tensors.append(_inputs.row_mask(weights))
+            h_s, w_s, b_s, labels, weights, *teacher = ctx.saved_tensors
+            tensors = (h_s, w_s, b_s, labels, _inputs.row_mask(weights), *teacher)
             row_grad = _inputs.weigh_rows(grad_out, weights)
             with torch.autocast(grad_out.device.type, enabled=False):
                 rows, _, grads = _chunk_loop(ctx.plan, tensors, row_grad, needs)
-            grad_weights = grad_out * rows if ctx.needs_input_grad[8] else None
+            grad_weights = grad_out * rows if ctx.needs_input_grad[4] else None
         else:  # finished in forward for a grad_out of 1
             *grads, grad_weights = ctx.saved_tensors
             # In place, no second weight-sized buffer, unless the graph is kept for another
@@ -257,7 +274,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
             ]
             if grad_weights is not None:
                 grad_weights = grad_weights * grad_out
-        return (*grads, None, None, None, None, None, grad_weights, None)
+        teacher = (None for _ in ctx.needs_input_grad[6:])
+        return (*grads, None, grad_weights, None, *teacher)
 
 
 @overload
@@ -302,7 +320,7 @@ def fused_linear_kd_loss(
 ) -> KDLossParts: ...
 
 
-@takes_loss_options
+@takes_loss_options()
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -403,29 +421,29 @@ def fused_linear_kd_loss(
     chosen = get_backend(select_backend(backend, h_s.device, h_s.dtype))
     low_precision = h_s.device.type == "cuda" and h_s.dtype in (torch.bfloat16, torch.float16)
     plan = _Plan(
-        args=args,
-        backend=chosen,
+        kernel=RowKernel(chosen, args),
         reduction=opts.reduction,
         chunk=_chunk(chunk_size, memory_budget, h_s, _row_bytes(args, vs, vt, low_precision)),
         low_precision_gemm=low_precision,
         parts=return_parts,
     )
     flat = _inputs.rows_2d
-    loss, ce = FusedLinearKDFunction.apply(
-        flat(h_s),
-        w_s,
-        student_bias,
+    teacher = (
         None if teacher_hidden is None else flat(teacher_hidden),
         teacher_weight,
         teacher_bias,
         None if teacher_logits is None else flat(teacher_logits),
-        labels,
-        weights,
-        plan,
     )
-    if opts.reduction == "none":
+    return run_fused(plan, flat(h_s), w_s, student_bias, labels, weights, teacher, batch_shape)
+
+
+def run_fused(plan: _Plan, h_s, w_s, b_s, labels, weights, teacher: tuple, batch_shape):
+    """The fused linear loss of checked, flattened inputs, shaped and split as its caller
+    returns it (``KDLossParts`` with ``plan.parts``)."""
+    loss, ce = FusedLinearKDFunction.apply(h_s, w_s, b_s, labels, weights, plan, *teacher)
+    if plan.reduction == "none":
         loss, ce = loss.reshape(batch_shape), ce.reshape(batch_shape)
-    if not return_parts:
+    if not plan.parts:
         return loss
     return KDLossParts(loss, loss.detach() - ce, ce)
 
@@ -474,10 +492,13 @@ def _shift(labels, batch_shape, ignore_index):
     return shifted
 
 
-def _row_bytes(args: KernelArgs, vs: int, vt: int | None, low_precision: bool) -> int:
+def _row_bytes(
+    args: KernelArgs | SparseKernelArgs, vs: int, vt: int | None, low_precision: bool
+) -> int:
     """Bytes of one row of a chunk's buffers: fp32 student logits, the teacher's with a KD
-    term, and the low-precision copy of the gradient for the GEMMs."""
-    teacher = vt if args.kd_weight else 0
+    term (``vt`` None: no teacher logits, as for a cached sparse teacher), and the
+    low-precision copy of the gradient for the GEMMs."""
+    teacher = vt if vt is not None and args.kd_weight else 0
     return 4 * (vs + teacher) + (2 * vs if low_precision else 0)
 
 

@@ -10,14 +10,13 @@ import torch
 
 from fastkd import _inputs
 from fastkd._options import (
-    LOSS_OPTION_NAMES,
     OPTIONS_MARKER,
-    KernelArgs,
     LossOptions,
     document_options,
+    option_names,
     takes_loss_options,
 )
-from fastkd.backends import Backend, check_backend_name, get_backend, select_backend
+from fastkd.backends import RowKernel, check_backend_name, get_backend, select_backend
 from fastkd.reference import compute_dtype
 
 
@@ -49,8 +48,10 @@ def graph_kept() -> bool:
 
 
 class KDLossFunction(torch.autograd.Function):
-    """Autograd of the per-row loss, for every backend: forward is the backend's fwd (per-row
-    loss and statistics), backward its bwd (the gradient, written once; docs/design.md §2).
+    """Autograd of the per-row loss, for every backend and both teacher forms (``kernel``: the
+    dense ops on teacher logits, or the sparse ops on a cached teacher; ``teacher`` the tensors
+    they take): forward is the kernel's fwd (per-row loss and statistics), backward its bwd
+    (the gradient, written once; docs/design.md §2, §11).
 
     With ``inplace`` the forward already writes d loss_i / d z_s[i] over the student logits and
     backward only scales it by grad_output, in place unless the graph is kept for another
@@ -58,18 +59,16 @@ class KDLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, student, teacher, labels, weights, backend: Backend, args: KernelArgs, inplace
-    ):
-        ctx.backend, ctx.args = backend, args
+    def forward(ctx, student, labels, weights, kernel: RowKernel, inplace, *teacher):
+        ctx.kernel = kernel
         ctx.inplace = inplace and student.requires_grad
         if ctx.inplace:  # one call: the CPU kernels read each row once for loss and gradient
             ones = student.new_ones(student.shape[0], dtype=torch.float32)
-            loss, _ = backend.fwd_bwd(student, teacher, labels, weights, ones, args, student)
+            loss, _ = kernel.fwd_bwd(student, teacher, labels, weights, ones, student)
             ctx.save_for_backward(student)  # saved after the write: later edits are caught
         else:
-            loss, stats = backend.fwd(student, teacher, labels, weights, args)
-            ctx.save_for_backward(student, teacher, labels, weights, stats)
+            loss, stats = kernel.fwd(student, teacher, labels, weights)
+            ctx.save_for_backward(student, labels, weights, stats, *teacher)
         return loss
 
     @staticmethod
@@ -80,15 +79,13 @@ class KDLossFunction(torch.autograd.Function):
             scale = grad_loss[:, None].to(grad.dtype)
             grad = grad * scale if graph_kept() else grad.mul_(scale)
         else:
-            student, teacher, labels, weights, stats = ctx.saved_tensors
+            student, labels, weights, stats, *teacher = ctx.saved_tensors
             grad = torch.empty_like(student)
-            ctx.backend.bwd(
-                student, teacher, labels, weights, stats, grad_loss.contiguous(), ctx.args, grad
-            )
-        return grad, None, None, None, None, None, None
+            ctx.kernel.bwd(student, teacher, labels, weights, stats, grad_loss.contiguous(), grad)
+        return grad, None, None, None, None, *(None for _ in ctx.needs_input_grad[5:])
 
 
-@takes_loss_options
+@takes_loss_options()
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -162,12 +159,11 @@ def kd_loss(
     chosen = get_backend(select_backend(backend, student.device, student.dtype))
     rows = KDLossFunction.apply(
         _inputs.rows_2d(student),
-        _inputs.rows_2d(teacher),
         labels,
         _inputs.row_mask(weights),
-        chosen,
-        args,
+        RowKernel(chosen, args),
         inplace_grad,
+        _inputs.rows_2d(teacher),
     )
     # Weighted outside the kernels, so autograd differentiates the weights.
     rows = _inputs.weigh_rows(rows, weights)
@@ -208,6 +204,7 @@ class LossModule(torch.nn.Module):
             if p.kind is p.KEYWORD_ONLY and p.name not in per_call and p.name != "return_parts"
         ]
         cls._settings = inspect.Signature(settings)
+        cls._function = staticmethod(function)
 
         def __init__(self: LossModule, **settings: Any) -> None:
             LossModule.__init__(self, **settings)
@@ -216,7 +213,8 @@ class LossModule(torch.nn.Module):
         __init__.__signature__ = cls._settings.replace(parameters=[self_param, *settings])
         __init__.__doc__ = document_options(
             f"Settings of :func:`fastkd.{function.__name__}` (its other keyword arguments are "
-            f"documented there), checked here.\n\n    Args:\n        {OPTIONS_MARKER}\n"
+            f"documented there), checked here.\n\n    Args:\n        {OPTIONS_MARKER}\n",
+            function.loss_options,
         )
         cls.__init__ = __init__
 
@@ -225,7 +223,9 @@ class LossModule(torch.nn.Module):
         bound = self._settings.bind(**settings)
         bound.apply_defaults()
         self.settings = dict(bound.arguments)
-        LossOptions(**{k: v for k, v in self.settings.items() if k in LOSS_OPTION_NAMES})
+        options = self._function.loss_options
+        names = option_names(options)
+        options(**{k: v for k, v in self.settings.items() if k in names})
         check_backend_name(self.settings["backend"])
 
     def extra_repr(self) -> str:

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from fastkd._options import DIVERGENCES, KernelArgs
+from fastkd._options import DIVERGENCES, TAILS, KernelArgs, SparseKernelArgs
 
 # Rows per chunk are chosen so one fp32 temporary holds about this many elements.
 CHUNK_ELEMENTS = 1 << 22
@@ -32,6 +32,11 @@ CHUNK_ELEMENTS = 1 << 22
 # ln 2^-1075: e^x rounds to 0 in fp64 at and below it, so a log-probability there is a
 # probability of exactly 0, in every dtype (csrc/kd_math.h kLogMin).
 LOG_MIN = -1075 * math.log(2.0)
+
+# The least probability a tail bin of the sparse loss takes (docs/design.md §11): fp32 cannot
+# resolve 1 - sum(q_K) much below k * 2^-24, and a teacher tail rounded to 0 would make reverse
+# KL +inf (csrc/kd_math.h kTailFloor, kernels/sparse_kd_loss.py TAIL_FLOOR).
+TAIL_FLOOR = 2.0**-14
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -219,6 +224,149 @@ def kd_loss_bwd(
         loss, vjp = torch.func.vjp(
             lambda x, rows=rows: kd_loss_rows(
                 x, teacher[rows], _part(labels, rows), _part(weights, rows), args
+            ),
+            s,
+        )
+        (g,) = vjp(grad_loss[rows].to(loss.dtype))
+        grad[rows] = g.masked_fill(s == -math.inf, 0.0)
+
+
+# --- the sparse loss: a cached top-k teacher (docs/design.md §11) ------------------------------
+
+
+def _log_tail(l_k: torch.Tensor) -> torch.Tensor:
+    """log max(1 - sum_i e^(l_k[i]), TAIL_FLOOR) per row: the log of the mass outside the k
+    bins. The floor is taken straight through: its derivative is that of log(1 - sum e^l)
+    divided by the floored value (docs/design.md §11)."""
+    raw = -torch.expm1(torch.logsumexp(l_k, -1))
+    floored = raw + (raw.clamp_min(TAIL_FLOOR) - raw).detach()
+    return floored.log()
+
+
+def _renormalized(l_k: torch.Tensor) -> torch.Tensor:
+    """l_k - log sum e^l_k per row; -inf everywhere for a row of -inf (no mass)."""
+    dead = (l_k == -math.inf).all(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(dead, 0.0, l_k), -1, keepdim=True)
+    return torch.where(dead, -math.inf, l_k - torch.where(dead, 0.0, lse))
+
+
+def sparse_bins(
+    lp_k: torch.Tensor, lq_k: torch.Tensor, tail: str, has_tail: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's and the student's log-probabilities over the bins of a tail mode, from
+    the cached teacher log-probs ``lp_k`` and the student's full-vocabulary log-probs ``lq_k``
+    at the cached ids ([n, k] each). ``has_tail``: k < V (with k = V the tail is empty)."""
+    if tail == "bucket":
+        if not has_tail:
+            return lp_k, lq_k
+        lp = torch.cat([lp_k, _log_tail(lp_k)[:, None]], 1)
+        return lp, torch.cat([lq_k, _log_tail(lq_k)[:, None]], 1)
+    if tail == "renormalize":
+        return _renormalized(lp_k), _renormalized(lq_k)
+    if tail == "ignore":
+        return _renormalized(lp_k), lq_k
+    raise ValueError(f"unknown tail mode {tail!r}")
+
+
+def sparse_loss_and_stats(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    args: SparseKernelArgs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted loss [n] of each row of [n, V] student logits against a cached teacher (ids and
+    log-probabilities [n, k]), and the stats (T lse(x / T), lse(x), D) [n, 3] of the sparse op
+    contract (docs/design.md §11). Differentiable with respect to ``student``; in the compute
+    dtype; 0 for rows that do not count, whose inputs are not read."""
+    ct = compute_dtype(student.dtype)
+    n, vocab = student.shape
+    weight = torch.ones(n, dtype=ct, device=student.device)
+    if token_weights is not None:
+        weight = weight * token_weights.to(ct)
+    if labels is not None:
+        weight = torch.where(labels == args.ignore_index, 0.0, weight)
+    live = weight != 0
+    xs = transform_logits(
+        torch.where(live[:, None], student.to(ct), 0.0), args.student_scale, args.student_softcap
+    )
+    total = torch.zeros(n, dtype=ct, device=student.device)
+    lse_a = d = torch.zeros(n, dtype=ct, device=student.device)
+    if args.kd_weight:
+        t = args.temperature
+        lq, lse_a = _log_softmax(xs, t)
+        lq_k = lq.gather(1, torch.where(live[:, None], ids, 0).long())
+        lp_k = torch.where(live[:, None], logprobs.to(ct), 0.0)
+        lp, lq = sparse_bins(lp_k, lq_k, TAILS[args.tail], ids.shape[1] < vocab)
+        d = divergence(lp, lq, DIVERGENCES[args.divergence], args.mix)
+        d = torch.where(torch.isinf(d), d.detach(), d)  # +inf: no KD gradient, as dense
+        total = total + args.kd_weight * (t * t * d)
+    lc, lse_c = _log_softmax(xs, 1.0)
+    if args.ce_weight and labels is not None:
+        target = torch.where(live, labels, 0).long()
+        total = total - args.ce_weight * lc.gather(1, target[:, None]).squeeze(1)
+    stats = torch.stack([lse_a, lse_c, d.detach()], 1)
+    return torch.where(live, weight * total, 0.0), torch.where(live[:, None], stats, 0.0)
+
+
+def sparse_loss_rows(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    args: SparseKernelArgs,
+) -> torch.Tensor:
+    """Weighted loss [n] of each row (``sparse_loss_and_stats``), differentiable wrt
+    ``student``: the ground truth of the sparse kernels (fp64 inputs)."""
+    return sparse_loss_and_stats(student, ids, logprobs, labels, token_weights, args)[0]
+
+
+def sparse_kd_loss_fwd(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    args: SparseKernelArgs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse op contract's forward (docs/design.md §11), chunked over rows: loss [N] and
+    stats [N, 3] in the compute dtype."""
+    ct = compute_dtype(student.dtype)
+    loss = student.new_empty(student.shape[0], dtype=ct)
+    stats = student.new_zeros((student.shape[0], 3), dtype=ct)
+    with torch.no_grad():
+        for rows in _row_chunks(student.shape[0], student.shape[1]):
+            loss[rows], stats[rows] = sparse_loss_and_stats(
+                student[rows],
+                ids[rows],
+                logprobs[rows],
+                _part(labels, rows),
+                _part(weights, rows),
+                args,
+            )
+    return loss, stats
+
+
+def sparse_kd_loss_bwd(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    stats: torch.Tensor,
+    grad_loss: torch.Tensor,
+    args: SparseKernelArgs,
+    grad: torch.Tensor,
+) -> None:
+    """The sparse op contract's backward, as ``kd_loss_bwd``: each chunk recomputed through
+    ``torch.func.vjp``; ``grad`` may be ``student``."""
+    for rows in _row_chunks(student.shape[0], student.shape[1]):
+        s = student[rows]
+        loss, vjp = torch.func.vjp(
+            lambda x, rows=rows: sparse_loss_rows(
+                x, ids[rows], logprobs[rows], _part(labels, rows), _part(weights, rows), args
             ),
             s,
         )
