@@ -1,4 +1,4 @@
-"""Command line: ``fastkd demo | distill | eval | bench | check-gpu`` (also
+"""Command line: ``fastkd demo | distill | cache-teacher | eval | bench | check-gpu`` (also
 ``python -m fastkd ...``).
 
 The top-level parser only names the commands, so ``fastkd --help`` imports neither torch nor
@@ -18,6 +18,7 @@ from pathlib import Path
 COMMANDS = {
     "demo": "train a tiny teacher, distil a student, compare",
     "distill": "distil teacher model(s) into a student",
+    "cache-teacher": "run a teacher over the data once, cache its top-k log-probabilities",
     "eval": "perplexity and next-token accuracy of a model",
     "bench": "benchmark the losses against eager, compile, peers",
     "check-gpu": "on a CUDA machine: build, correctness suite, memcheck, benchmark (< 25 min)",
@@ -131,6 +132,86 @@ def _eval(argv: list[str]) -> None:
         seed=args.seed,
     )
     print(json.dumps(metrics, indent=2))
+
+
+def cache_teacher_parser() -> argparse.ArgumentParser:
+    from fastkd.training.config import RunArguments
+
+    parser = argparse.ArgumentParser(
+        prog="fastkd cache-teacher",
+        description=COMMANDS["cache-teacher"] + ": per token of the data, packed as `fastkd "
+        "distill` packs it (all blocks, before the held-out split), the teacher's top-k token "
+        "ids and their log softmax(logits / T) over its full vocabulary. Rerun with the same "
+        "arguments to resume (complete shards are kept); under torchrun the shards are split "
+        "over the processes.",
+        epilog="Writes into --out: shard-NNNNN.safetensors (input_ids, ids, logprobs of "
+        "--shard-blocks blocks each) and manifest.json (fingerprints of the teacher, tokenizer "
+        "and data, T, k, dtypes, block size, the shard list; complete: true once every shard "
+        "is there). Storage: 4 + k * (2 + 2) bytes per token for bf16 and a vocabulary of at "
+        "most 65536 (4-byte ids above).",
+    )
+    parser.add_argument("--teacher", required=True, metavar="DIR", help="teacher model directory")
+    parser.add_argument("--data", required=True, metavar="PATH", help=".txt/.jsonl or a directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache directory")
+    parser.add_argument(
+        "--temperature",
+        required=True,
+        type=float,
+        metavar="T",
+        help="temperature of the cached log-probabilities; distil from the cache at this T",
+    )
+    parser.add_argument(
+        "--top-k", "--top_k", type=int, default=64, metavar="K", help="ids per token (default 64)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="storage of the log-probabilities (default bf16)",
+    )
+    parser.add_argument(
+        "--block-size",
+        "--block_size",
+        type=int,
+        default=RunArguments.block_size,
+        metavar="N",
+        help="tokens per packed block: the --block_size of the distill runs (default "
+        f"{RunArguments.block_size})",
+    )
+    parser.add_argument(
+        "--batch-size", "--batch_size", type=int, default=8, help="blocks per teacher forward"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer directory that packs the data (default: the teacher's)",
+    )
+    parser.add_argument(
+        "--shard-blocks",
+        "--shard_blocks",
+        type=int,
+        metavar="S",
+        help="blocks per shard (default: about 256 MiB per shard)",
+    )
+    return parser
+
+
+def _cache_teacher(argv: list[str]) -> None:
+    args = cache_teacher_parser().parse_args(argv)
+    from fastkd.training.teacher_cache import build_cache
+
+    build_cache(
+        args.teacher,
+        args.data,
+        args.out,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        tokenizer=args.tokenizer,
+        shard_blocks=args.shard_blocks,
+    )
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -377,6 +458,7 @@ def _distill(argv: list[str]) -> None:
 _HANDLERS = {
     "demo": _demo,
     "distill": _distill,
+    "cache-teacher": _cache_teacher,
     "eval": _eval,
     "bench": _bench,
     "check-gpu": _check_gpu,

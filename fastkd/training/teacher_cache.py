@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from fastkd.training.data import has_tokenizer, load_tokenizer, pack, read_records
+from fastkd.training.models import CHUNK_ELEMENTS, Head, body, check_head, load_model
 
 FORMAT = "fastkd-teacher-cache"
 VERSION = 1
@@ -320,3 +324,400 @@ class TeacherCache:
                 raise ValueError(
                     f"teacher cache shard {path}: {text} at block {int(blocks[b])}, position {t}"
                 )
+
+
+# --- writing: fastkd cache-teacher -----------------------------------------------------------
+
+# Shard size aimed at when --shard-blocks is not given (payload bytes).
+SHARD_BYTES = 256 << 20
+# Suffix of a shard or manifest being written; such a file is never read, and deleted by the
+# next run.
+TMP_SUFFIX = ".tmp"
+# Weight files a model directory may hold (what from_pretrained loads).
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# A weight file above WINDOWS windows of WINDOW bytes is fingerprinted by those windows, evenly
+# spaced from its first byte (its header) to its last, instead of by its whole content.
+WINDOW = 1 << 20
+WINDOWS = 64
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, or of WINDOWS evenly spaced windows of it when it is larger."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if size <= WINDOW * WINDOWS:
+            for chunk in iter(lambda: f.read(WINDOW), b""):
+                digest.update(chunk)
+        else:
+            for i in range(WINDOWS):
+                f.seek(i * (size - WINDOW) // (WINDOWS - 1))
+                digest.update(f.read(WINDOW))
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(teacher: str | os.PathLike) -> str:
+    """sha256 (hex) of a model directory's config.json (less ``transformers_version``) and its
+    weight files (name, size and content; a file over 64 MiB by 64 evenly spaced 1 MiB windows,
+    so the fingerprint of a large teacher costs 64 MiB of reads per file, not all of it)."""
+    teacher = Path(teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config.pop("transformers_version", None)
+    files = sorted(p for p in teacher.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"--teacher {teacher}: no weight files (*.safetensors, *.bin)")
+    return _sha256_json({"config": config, "weights": [(p.name, _file_digest(p)) for p in files]})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it exists only with all of ``data``: a temporary file in the same
+    directory, flushed to disk, renamed over ``path``, the directory entry flushed too."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write ``out``/manifest.json atomically."""
+    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def write_shard(
+    out: Path,
+    manifest: dict,
+    shard: int,
+    input_ids: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+) -> None:
+    """Write shard ``shard`` of the cache ``manifest`` describes atomically."""
+    from safetensors.torch import save
+
+    first = shard * manifest["shard_blocks"]
+    metadata = {
+        "format": FORMAT,
+        "settings": settings_hash(manifest),
+        "first_block": str(first),
+        "blocks": str(ids.shape[0]),
+    }
+    data = save(
+        {
+            "input_ids": input_ids.to(torch.int32).contiguous(),
+            "ids": ids.to(ID_DTYPES[manifest["id_dtype"]]).contiguous(),
+            "logprobs": logprobs.to(LOGPROB_DTYPES[manifest["dtype"]]).contiguous(),
+        },
+        metadata=metadata,
+    )
+    _atomic_write(out / shard_name(shard), data)
+
+
+def bytes_per_token(top_k: int, dtype: str, id_dtype: str) -> int:
+    """Payload bytes a cached token takes: its input id (int32), k ids and k log-probs."""
+    size = {"uint16": 2, "int32": 4, "bf16": 2, "fp32": 4}
+    return 4 + top_k * (size[id_dtype] + size[dtype])
+
+
+@torch.no_grad()
+def teacher_topk(
+    model: torch.nn.Module, input_ids: torch.Tensor, top_k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k of log softmax(z / T) at every position of ``input_ids`` [b, S].
+
+    z are the logits ``fastkd distill`` sees (body, then ``Head``: the model's logit scale and
+    softcap applied, in fp32), computed a chunk of positions at a time so that [b, S, V] logits
+    never exist. The model must be in eval mode.
+
+    Returns:
+        ``(ids, logprobs)``: int64 and fp32 ``[b, S, k]``, largest log-probability first.
+    """
+    head = Head(model)
+    device = head.base.weight.device
+    hidden = body(model)(
+        input_ids=input_ids.to(device),
+        attention_mask=torch.ones_like(input_ids, device=device),
+        use_cache=False,
+    ).last_hidden_state
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    weight, bias = head.weight(), head.bias()
+    ids = torch.empty((rows.shape[0], top_k), dtype=torch.int64, device=device)
+    logprobs = torch.empty((rows.shape[0], top_k), dtype=torch.float32, device=device)
+    step = max(1, CHUNK_ELEMENTS // head.vocab_size)
+    for start in range(0, rows.shape[0], step):
+        z = head.logits(rows[start : start + step], weight, bias)
+        values, indices = torch.log_softmax(z / temperature, -1).topk(top_k, -1)
+        logprobs[start : start + step], ids[start : start + step] = values, indices
+    shape = (*input_ids.shape, top_k)
+    return ids.view(shape).cpu(), logprobs.view(shape).cpu()
+
+
+def _check_arguments(
+    teacher,
+    data,
+    out,
+    *,
+    top_k,
+    temperature,
+    dtype,
+    block_size,
+    batch_size,
+    tokenizer,
+    shard_blocks,
+) -> None:
+    """ValueError / FileNotFoundError naming the flag of a bad argument (before anything
+    loads)."""
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"--top-k must be an int >= 1, got {top_k}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"--temperature must be a finite number > 0, got {temperature}")
+    if dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {dtype!r}")
+    for flag, value, low in (("--block-size", block_size, 2), ("--batch-size", batch_size, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{flag} must be an int >= {low}, got {value}")
+    if shard_blocks is not None and (not isinstance(shard_blocks, int) or shard_blocks < 1):
+        raise ValueError(f"--shard-blocks must be an int >= 1, got {shard_blocks}")
+    if not (Path(teacher) / "config.json").is_file():
+        raise FileNotFoundError(f"--teacher {teacher}: not a model directory (no config.json)")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such file or directory")
+    if tokenizer is not None and not has_tokenizer(tokenizer):
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no tokenizer files there")
+    if tokenizer is None and not has_tokenizer(teacher):
+        raise FileNotFoundError(f"--teacher {teacher} holds no tokenizer: pass --tokenizer")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a directory")
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """The settings in which an existing manifest and this run differ, in words."""
+    names = {
+        "teacher_fingerprint": "the teacher (config or weights)",
+        "tokenizer_fingerprint": "the tokenizer",
+        "data_fingerprint": "the data (packed token ids)",
+    }
+    return [
+        names[key] if key in names else f"{key} {old.get(key)!r} there, {new[key]!r} here"
+        for key in SETTINGS
+        if old.get(key) != new[key]
+    ]
+
+
+def _existing(out: Path, manifest: dict) -> dict | None:
+    """The manifest already in ``out`` (None for an empty or new directory); ValueError if it
+    is another cache's or ``out`` holds other files."""
+    file = out / MANIFEST
+    if not file.is_file():
+        others = [p.name for p in out.iterdir() if not p.name.endswith(TMP_SUFFIX)]
+        if others:
+            raise ValueError(
+                f"--out {out} is not empty and holds no {MANIFEST} (not a teacher cache): "
+                "use an empty or new directory"
+            )
+        return None
+    try:
+        old = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    why = _differences(old, manifest) if isinstance(old, dict) else ["not a manifest"]
+    if why:
+        raise ValueError(
+            f"--out {out} holds a teacher cache built with other settings ({'; '.join(why)}): "
+            "use another --out, or delete it to rebuild"
+        )
+    return old
+
+
+def _shard_blocks(manifest: dict, shard: int) -> tuple[int, int]:
+    """(first block, blocks) of shard ``shard``."""
+    first = shard * manifest["shard_blocks"]
+    return first, min(manifest["shard_blocks"], manifest["num_blocks"] - first)
+
+
+def _missing(out: Path, manifest: dict, shards) -> list[int]:
+    """The shards among ``shards`` that are not (correctly) in ``out``."""
+    return [
+        s
+        for s in shards
+        if not (out / shard_name(s)).is_file()
+        or shard_problem(out / shard_name(s), manifest, *_shard_blocks(manifest, s)) is not None
+    ]
+
+
+def build_cache(
+    teacher: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    temperature: float,
+    top_k: int = 64,
+    dtype: str = "bf16",
+    block_size: int = 128,
+    batch_size: int = 8,
+    tokenizer: str | os.PathLike | None = None,
+    shard_blocks: int | None = None,
+) -> dict:
+    """Run ``teacher`` over ``data`` packed as ``fastkd distill`` packs it and cache its top-k
+    log-probabilities at ``temperature`` in ``out`` (the module docstring gives the format).
+
+    Resumable: shards already in ``out`` (checked by their header) are kept, missing ones
+    computed; ``out`` holding a cache with other settings is an error. Under torchrun
+    (``WORLD_SIZE`` > 1) process r computes the shards s with s % world == r, and process 0
+    writes the final manifest after a barrier. Every argument is checked and the data packed
+    before the model loads; nothing loads when every shard is there.
+
+    Args:
+        teacher: model directory.
+        data: records (``read_records``).
+        out: cache directory (created).
+        temperature: T of the cached log softmax(z / T); distil at the same T.
+        top_k: ids per position, at most the teacher's vocabulary.
+        dtype: log-probability storage, ``bf16`` or ``fp32``.
+        block_size: tokens per packed block (``distill``'s ``--block_size``).
+        batch_size: blocks per teacher forward.
+        tokenizer: tokenizer directory that packs the data (default: the teacher's).
+        shard_blocks: blocks per shard (default: about 256 MiB per shard).
+
+    Returns:
+        The final manifest.
+    """
+    import transformers
+
+    _check_arguments(
+        teacher,
+        data,
+        out,
+        top_k=top_k,
+        temperature=temperature,
+        dtype=dtype,
+        block_size=block_size,
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        shard_blocks=shard_blocks,
+    )
+    out = Path(out)
+    config = transformers.AutoConfig.from_pretrained(teacher, local_files_only=True)
+    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    if top_k > vocab:
+        raise ValueError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab})")
+    tok = load_tokenizer(tokenizer if tokenizer is not None else teacher)
+    input_ids, _ = pack(read_records(data), tok, block_size)
+    if int(input_ids.max()) >= vocab:
+        raise ValueError(
+            f"the data holds token id {int(input_ids.max())} but the teacher's vocabulary has "
+            f"{vocab} ids"
+        )
+    id_dtype = "uint16" if vocab <= 1 << 16 else "int32"
+    per_block = bytes_per_token(top_k, dtype, id_dtype) * block_size
+    num_blocks = input_ids.shape[0]
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher_fingerprint": teacher_fingerprint(teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "data_fingerprint": data_fingerprint(input_ids),
+        "temperature": float(temperature),
+        "top_k": top_k,
+        "dtype": dtype,
+        "id_dtype": id_dtype,
+        "vocab_size": vocab,
+        "block_size": block_size,
+        "num_blocks": num_blocks,
+        "shard_blocks": shard_blocks or max(1, min(num_blocks, SHARD_BYTES // per_block)),
+        "bytes_per_token": bytes_per_token(top_k, dtype, id_dtype),
+        "teacher": {"path": str(Path(teacher).resolve()), "model_type": config.model_type},
+        "complete": False,
+        "shards": [],
+    }
+    shards = range(math.ceil(num_blocks / manifest["shard_blocks"]))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        old = _existing(out, manifest)
+        if rank == 0:
+            for tmp in out.glob(f"*{TMP_SUFFIX}"):  # left by a killed run: never read
+                tmp.unlink()
+            if old is None or (old.get("complete") and _missing(out, manifest, shards)):
+                write_manifest(out, manifest)
+        _barrier(world)
+        _compute(teacher, input_ids, out, manifest, shards[rank::world], batch_size, rank)
+        _barrier(world)
+        if rank == 0:
+            absent = _missing(out, manifest, shards)
+            if absent:
+                raise RuntimeError(f"{out}: shards {absent} were not written")
+            manifest["shards"] = [
+                {
+                    "file": shard_name(s),
+                    "first_block": _shard_blocks(manifest, s)[0],
+                    "blocks": _shard_blocks(manifest, s)[1],
+                    "bytes": (out / shard_name(s)).stat().st_size,
+                }
+                for s in shards
+            ]
+            manifest["complete"] = True
+            write_manifest(out, manifest)
+        _barrier(world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return manifest
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _compute(teacher, input_ids, out, manifest, shards, batch_size: int, rank: int) -> None:
+    """Compute and write those of ``shards`` that are missing in ``out`` (a progress bar on
+    rank 0); the teacher loads only if there are any."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    todo = _missing(out, manifest, shards)
+    print(f"rank {rank}: {len(shards) - len(todo)} of {len(shards)} shards already in {out}")
+    if not todo:
+        return
+    model = load_model(teacher)
+    if Head(model).vocab_size != manifest["vocab_size"]:
+        raise ValueError(
+            f"--teacher {teacher}: its head has {Head(model).vocab_size} rows, its config says "
+            f"vocab_size {manifest['vocab_size']}"
+        )
+    if torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    model.eval()
+    check_head(model)
+    blocks = sum(_shard_blocks(manifest, s)[1] for s in todo)
+    start = time.perf_counter()
+    with tqdm(total=blocks, unit="block", desc="teacher top-k", disable=rank != 0) as bar:
+        for s in todo:
+            first, n = _shard_blocks(manifest, s)
+            parts = []
+            for b in range(first, first + n, batch_size):  # batches stay inside the shard
+                batch = input_ids[b : min(b + batch_size, first + n)]
+                parts.append(teacher_topk(model, batch, manifest["top_k"], manifest["temperature"]))
+                bar.update(batch.shape[0])
+            ids, logprobs = (torch.cat(p) for p in zip(*parts))
+            write_shard(out, manifest, s, input_ids[first : first + n], ids, logprobs)
+    seconds = time.perf_counter() - start
+    tokens = blocks * input_ids.shape[1]
+    print(
+        f"rank {rank}: {blocks} blocks ({tokens} tokens) in {seconds:.1f} s, "
+        f"{tokens / seconds:.0f} tokens/s"
+    )
