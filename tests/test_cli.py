@@ -345,3 +345,88 @@ def test_eval_flags(ws, capsys, monkeypatch):
     assert main(["eval", "--model", "m", "--data", "d", "--eval-fraction", "0.2"]) == 0
     assert seen == {"block_size": 128, "batch_size": 8, "eval_fraction": 0.2, "seed": 0}
     assert json.loads(capsys.readouterr().out) == {"x": 1}
+
+
+# ---------------------------------------------------------------- cache-teacher
+
+
+def cache_argv(root, out, data=None, *extra):
+    return [
+        "cache-teacher",
+        "--teacher", root / "teacher",
+        "--data", data or root / "data.txt",
+        "--out", out,
+        "--temperature", 2,
+        "--top-k", 4,
+        "--block-size", BLOCK,
+        *extra,
+    ]  # fmt: skip
+
+
+def test_cache_teacher_is_listed_and_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "cache-teacher" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["cache-teacher", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--teacher DIR", "--temperature T", "--top-k K", "--dtype {bf16,fp32}",
+                 "--block-size N", "--shard-blocks S", "manifest.json"):  # fmt: skip
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--top-k": "0"}, "--top-k must be an int >= 1, got 0"),
+        ({"--top-k": "100000"}, "--top-k 100000 is larger than the teacher's vocabulary"),
+        ({"--temperature": "0"}, "--temperature must be a finite number > 0, got 0.0"),
+        ({"--temperature": "-1"}, "--temperature must be a finite number > 0, got -1.0"),
+        ({"--temperature": "inf"}, "--temperature must be a finite number > 0, got inf"),
+        ({"--block-size": "1"}, "--block-size must be an int >= 2, got 1"),
+        ({"--batch-size": "0"}, "--batch-size must be an int >= 1, got 0"),
+        ({"--shard-blocks": "0"}, "--shard-blocks must be an int >= 1, got 0"),
+        ({"--teacher": "{root}/nope"}, "--teacher {root}/nope: not a model directory"),
+        ({"--data": "{root}/nope.txt"}, "--data {root}/nope.txt: no such file or directory"),
+        ({"--tokenizer": "{root}"}, "--tokenizer {root}: no tokenizer files there"),
+        ({"--out": "{root}/data.txt"}, "--out {root}/data.txt: exists and is not a directory"),
+    ],
+)
+def test_cache_teacher_bad_values_fail_before_any_model_loads(
+    ws, tmp_path, capsys, monkeypatch, change, message
+):
+    from fastkd.training import teacher_cache
+
+    monkeypatch.setattr(teacher_cache, "load_model", lambda *a: pytest.fail("a model loaded"))
+    argv = [str(a) for a in cache_argv(ws, tmp_path / "out")]
+    for flag, value in change.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value.format(root=ws)
+        else:
+            argv += [flag, value.format(root=ws)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastkd cache-teacher: error: ")
+    assert message.format(root=ws) in err[-1]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cache_teacher_writes_a_cache_distill_data_matches(ws, tmp_path, capsys):
+    from fastkd.training.data import load_tokenizer, pack, read_records
+    from fastkd.training.teacher_cache import TeacherCache
+
+    data = tmp_path / "small.txt"
+    data.write_text((ws / "data.txt").read_text()[:3000])
+    out = tmp_path / "cache"
+    assert run_main(cache_argv(ws, out, data, "--dtype", "fp32", "--shard-blocks", 8)) == 0
+    cache = TeacherCache(out)
+    tokenizer = load_tokenizer(ws / "teacher")
+    cache.check_data(pack(read_records(data), tokenizer, BLOCK)[0], tokenizer)
+    assert (cache.temperature, cache.top_k, cache.manifest["dtype"]) == (2.0, 4, "fp32")
+    ids, logprobs = cache.blocks([cache.num_blocks - 1, 0])
+    assert ids.shape == logprobs.shape == (2, BLOCK, 4)
+    assert "teacher top-k" in capsys.readouterr().err  # the progress bar
+    # Again with another temperature into the same directory: an error, not a mix.
+    assert run_main(cache_argv(ws, out, data, "--dtype", "fp32", "--temperature", 1)) == 2
+    assert "temperature 2.0 there, 1.0 here" in capsys.readouterr().err
