@@ -53,6 +53,8 @@ class Case:
     alpha: float = 0.5
     temperature: float = 2.0
     beta: float = 0.5  # jsd's mixture weight of the teacher (fastkd's and TRL's convention)
+    top_k: int = 0  # a cached teacher's ids per token (the sparse losses)
+    tail: str = "bucket"  # the sparse losses' tail mode
 
     @property
     def torch_dtype(self) -> torch.dtype:

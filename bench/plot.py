@@ -76,20 +76,23 @@ def case_key(row: dict) -> tuple:
         row.get("teacher_hidden", 0),
         row["divergence"],
         row["alpha"],
+        row.get("top_k", 0),
+        row.get("tail", "bucket"),
     )
 
 
 def label(key: tuple) -> str:
-    vocab, bt, hidden, teacher_hidden, divergence, alpha = key
+    vocab, bt, hidden, teacher_hidden, divergence, alpha, top_k, tail = key
     widths = f" H {hidden}/{teacher_hidden}" if hidden and alpha != 1 else ""
     widths = f" H {hidden}" if hidden and alpha == 1 else widths
-    return f"{bt}x{vocab}{widths} " + ("CE only" if alpha == 1 else divergence)
+    cached = f" top-{top_k} {tail}" if top_k else ""
+    return f"{bt}x{vocab}{widths} " + ("CE only" if alpha == 1 else divergence) + cached
 
 
 def _order(key: tuple) -> tuple:
     """Cases grouped by loss (divergence; CE only last), then by size."""
-    vocab, bt, hidden, _, divergence, alpha = key
-    return alpha == 1, divergence, alpha, bt * vocab, vocab, hidden
+    vocab, bt, hidden, _, divergence, alpha, top_k, tail = key
+    return alpha == 1, divergence, alpha, tail, bt * vocab, vocab, hidden, top_k
 
 
 def plot_file(path: Path) -> list[Path]:

@@ -23,7 +23,7 @@ from fastkd.bench.harness import (
     write_results,
 )
 
-OPS = ("kd_loss", "fused_linear_kd_loss", "train_step")
+OPS = ("kd_loss", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "train_step")
 RESULTS = Path(__file__).parent / "results"
 
 
