@@ -13,9 +13,16 @@ forward: the fused linear loop, ``kd_loss(inplace_grad=True)``)::
     kd_loss_fwd_bwd(student, teacher, labels?, weights?, grad_loss, <KernelArgs>, grad)
         -> (loss [N], stats [N, 4])
 
-The scalar arguments are the fields of ``fastkd._options.KernelArgs``, in its order: the schemas
-are generated from it here, once, so no implementation can take them in another order without
-failing the argument-set test (tests/test_options.py).
+The sparse ops (a cached top-k teacher, docs/design.md §11) have the same three forms, with the
+teacher's ids [N, k] and log-probabilities [N, k] instead of its logits, stats [N, 3] and the
+scalars of ``SparseKernelArgs`` (C++: CPU only; Triton: ``triton_sparse_kd_loss_fwd/_bwd``)::
+
+    sparse_kd_loss_fwd(student, ids, logprobs, labels?, weights?, <SparseKernelArgs>)
+        -> (loss [N], stats [N, 3])
+
+The scalar arguments are the fields of ``fastkd._options.KernelArgs`` (``SparseKernelArgs``), in
+its order: the schemas are generated from it here, once, so no implementation can take them in
+another order without failing the argument-set test (tests/test_options.py).
 """
 
 from __future__ import annotations
@@ -116,13 +123,16 @@ torch.library.register_fake("fastkd::sparse_kd_loss_fwd_bwd", _fake_sparse_fwd, 
 
 @functools.cache
 def register_triton() -> None:
-    """Register the Triton launchers for the ``triton_kd_loss_*`` ops (CPU tensors run through
-    Triton's interpreter)."""
+    """Register the Triton launchers for the ``triton_kd_loss_*`` and
+    ``triton_sparse_kd_loss_*`` ops (CPU tensors run through Triton's interpreter)."""
     from fastkd.kernels import kd_loss as tk
+    from fastkd.kernels import sparse_kd_loss as sk
 
     for key in ("CPU", "CUDA"):
         _LIB.impl("triton_kd_loss_fwd", tk.kd_loss_fwd, key)
         _LIB.impl("triton_kd_loss_bwd", tk.kd_loss_bwd, key)
+        _LIB.impl("triton_sparse_kd_loss_fwd", sk.sparse_kd_loss_fwd, key)
+        _LIB.impl("triton_sparse_kd_loss_bwd", sk.sparse_kd_loss_bwd, key)
 
 
 def kernel_ops(prefix: str) -> KernelOps:
