@@ -12,7 +12,7 @@ import torch
 from conftest import assert_close, device_for, kernel_backends, tolerance
 
 import fastkd
-from fastkd._options import DIVERGENCES, TAILS, SparseLossOptions
+from fastkd._options import DIVERGENCES, TAILS, SparseKernelArgs, SparseLossOptions
 from fastkd.memory import peak_memory_bytes
 from fastkd.reference import TAIL_FLOOR, sparse_loss_rows
 
@@ -471,3 +471,68 @@ def test_bad_rows_that_do_not_count_are_not_checked():
     logprobs[1, 0] = math.nan
     loss = fastkd.sparse_kd_loss(student, ids, logprobs, labels, reduction="none")
     assert loss[1] == 0 and torch.isfinite(loss).all()
+
+
+# --- the argument order of the sparse ops -----------------------------------------------------
+
+SPARSE_BASE = SparseKernelArgs(
+    divergence=DIVERGENCES.index("jsd"),
+    temperature=1.5,
+    kd_weight=0.6,
+    ce_weight=0.4,
+    mix=0.3,
+    ignore_index=7,
+    tail=TAILS.index("bucket"),
+    student_scale=1.1,
+    student_softcap=0.0,
+)
+SPARSE_CHANGES = {
+    "divergence": {"divergence": DIVERGENCES.index("tvd")},
+    "temperature": {"temperature": 0.8},
+    "kd_weight": {"kd_weight": 0.9},
+    "ce_weight": {"ce_weight": 0.1},
+    "mix": {"mix": 0.6},
+    "ignore_index": {"ignore_index": 8},
+    "tail": {"tail": TAILS.index("ignore")},
+    "student_scale": {"student_scale": 0.5},
+    "student_softcap": {"student_softcap": 3.0},
+    "swap weights": {"kd_weight": SPARSE_BASE.ce_weight, "ce_weight": SPARSE_BASE.kd_weight},
+    "swap scale and temperature": {"temperature": 1.1, "student_scale": 1.5},
+}
+
+
+def test_sparse_changes_cover_every_field():
+    assert {k for c in SPARSE_CHANGES.values() for k in c} == set(SparseKernelArgs._fields)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", SPARSE_CHANGES.values(), ids=SPARSE_CHANGES.keys())
+def test_every_sparse_field_moves_the_result_as_the_reference(backend, change):
+    """Each field changed alone (and pairs swapped) moves a kernel's loss and gradient as it
+    moves the reference's: an argument-order drift in any backend fails here."""
+    from fastkd.backends import get_backend
+
+    kernel, reference = get_backend(backend), get_backend("reference")
+    kernel.load()
+    student, ids, logprobs, labels, _ = make_inputs(6, 43, 5, seed=14, ignore_frac=0.0)
+    labels[0], labels[1] = 7, 8
+    weights = torch.rand(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    grad_loss = torch.randn(6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dev = device_for(backend)
+
+    def run(impl, args, dtype, device):
+        s, lp, w, gl = (t.to(device, dtype) for t in (student, logprobs, weights, grad_loss))
+        i, y = ids.to(device), labels.to(device)
+        loss, stats = impl.sparse_fwd(s, i, lp, y, w, args)
+        grad = torch.empty_like(s)
+        impl.sparse_bwd(s, i, lp, y, w, stats, gl, args, grad)
+        return loss, grad
+
+    args = SPARSE_BASE._replace(**change)
+    base = run(kernel, SPARSE_BASE, torch.float32, dev)
+    loss, grad = run(kernel, args, torch.float32, dev)
+    truth_loss, truth_grad = run(reference, args, torch.float64, "cpu")
+    assert not torch.equal(loss, base[0]) and not torch.equal(grad, base[1])
+    tol = tolerance(backend, torch.float32, 43, temperature=args.temperature)
+    assert_close(loss, truth_loss, name="loss", **tol)
+    assert_close(grad, truth_grad, name="grad", **tol)
