@@ -286,6 +286,18 @@ def _grad(
 
 
 @triton.jit
+def _zero_row(g_row, pad, lo, hi, VS, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Write a zero gradient row (a row of weight 0, which is not read)."""
+    zero = tl.zeros((BLOCK,), g_row.dtype.element_ty)
+    for start in range(lo, hi, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        tl.store(g_row + c, zero, mask=c < hi)
+    if ALIGN > 1:
+        edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
+        tl.store(g_row + edge, tl.zeros((2 * ALIGN,), g_row.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _row_weight(L, W, row, ignore_index, HAS_LABELS: tl.constexpr, HAS_WEIGHTS: tl.constexpr):
     w = 1.0
     if HAS_WEIGHTS:
@@ -523,13 +535,7 @@ def _kd_bwd_kernel(
             )  # fmt: skip
             tl.store(g_row + edge, grad.to(G.dtype.element_ty), mask=in_row)
     else:
-        zero = tl.zeros((BLOCK,), G.dtype.element_ty)
-        for start in range(lo, hi, BLOCK):
-            c = start + offs
-            tl.store(g_row + c, zero, mask=c < hi)
-        if ALIGN > 1:
-            edge, in_row = _edge_cols(pad, lo, hi, VS, ALIGN)
-            tl.store(g_row + edge, tl.zeros((2 * ALIGN,), G.dtype.element_ty), mask=in_row)
+        _zero_row(g_row, pad, lo, hi, VS, ALIGN, BLOCK)
 
 
 class LaunchConfig(NamedTuple):
@@ -558,6 +564,16 @@ def _alignment(student: torch.Tensor, others: tuple[torch.Tensor, ...]) -> int:
     return vec
 
 
+def mixture_logs(mix: float) -> dict[str, float]:
+    """The mixture's weights as logs (log_w1 = log mix, log_w2 = log(1 - mix)), from the host in
+    double: log(mix) of a subnormal mix (skew 1e-39) is finite there, and no kernel forms it (0
+    for the divergences without a mixture)."""
+    return dict(
+        log_w1=math.log(mix) if mix else 0.0,
+        log_w2=math.log1p(-mix) if mix else 0.0,
+    )
+
+
 def launch_meta(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -581,10 +597,7 @@ def launch_meta(
         kd_w=args.kd_weight,
         ce_w=args.ce_weight,
         mix=args.mix,
-        # The mixture's weights as logs, from the host in double: log(mix) of a subnormal mix
-        # (skew 1e-39) is finite there, and no kernel forms it (0 for the other divergences).
-        log_w1=math.log(args.mix) if args.mix else 0.0,
-        log_w2=math.log1p(-args.mix) if args.mix else 0.0,
+        **mixture_logs(args.mix),
         ignore_index=args.ignore_index,
         s_scale=args.student_scale,
         s_cap=args.student_softcap,
