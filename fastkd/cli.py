@@ -193,6 +193,16 @@ def cache_teacher_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="blocks per shard (default: about 256 MiB per shard)",
     )
+    parser.add_argument(
+        "--bf16", action="store_true", help="run the teacher in bf16 (as `distill --bf16`)"
+    )
+    parser.add_argument(
+        "--allow-tokenizer-mismatch",
+        "--allow_tokenizer_mismatch",
+        action="store_true",
+        help="with --tokenizer: take its ids as the teacher's tokens even where the teacher's "
+        "own tokenizer disagrees",
+    )
     return parser
 
 
@@ -211,6 +221,8 @@ def _cache_teacher(argv: list[str]) -> None:
         batch_size=args.batch_size,
         tokenizer=args.tokenizer,
         shard_blocks=args.shard_blocks,
+        bf16=args.bf16,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
     )
 
 

@@ -391,6 +391,11 @@ def test_cache_teacher_is_listed_and_documented(capsys):
         ({"--data": "{root}/nope.txt"}, "--data {root}/nope.txt: no such file or directory"),
         ({"--tokenizer": "{root}"}, "--tokenizer {root}: no tokenizer files there"),
         ({"--out": "{root}/data.txt"}, "--out {root}/data.txt: exists and is not a directory"),
+        (
+            {"--tokenizer": "{root}/student_other"},
+            "the tokenizers in --tokenizer {root}/student_other and --teacher {root}/teacher "
+            "differ",
+        ),
     ],
 )
 def test_cache_teacher_bad_values_fail_before_any_model_loads(

@@ -78,12 +78,14 @@ def assert_same_shard(path, expected) -> None:
 # ---------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_cached_top_k_is_the_teachers(ws, tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "bf16"), [("bf16", False), ("fp32", False), ("fp32", True)], ids=str
+)
+def test_cached_top_k_is_the_teachers(ws, tmp_path, monkeypatch, dtype, bf16):
     out = tmp_path / dtype
     # Logits of 7 positions at a time (of 32 per block, 8 blocks per batch).
     monkeypatch.setattr(teacher_cache, "CHUNK_ELEMENTS", 7 * 300)
-    manifest = build_cache(ws / "teacher", ws / "data.txt", out, dtype=dtype, **SETTINGS)
+    manifest = build_cache(ws / "teacher", ws / "data.txt", out, dtype=dtype, bf16=bf16, **SETTINGS)
     input_ids, tokenizer = packed(ws)
     cache = TeacherCache(out)
     cache.check_data(input_ids, tokenizer)
@@ -98,6 +100,8 @@ def test_cached_top_k_is_the_teachers(ws, tmp_path, monkeypatch, dtype):
     ids, logprobs = cache.blocks(order)
     assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
     model = load_model(ws / "teacher").eval()
+    if bf16:  # the logits the teacher computes in bf16, upcast
+        model.to(torch.bfloat16)
     with torch.no_grad():
         logits = model(input_ids=input_ids[order]).logits.float()
     full = torch.log_softmax(logits / 2.0, -1)
@@ -106,6 +110,8 @@ def test_cached_top_k_is_the_teachers(ws, tmp_path, monkeypatch, dtype):
     # The cached values are the top 8, largest first, and each is the log-probability of its id
     # (compared in the stored precision, so a near-tie may swap ids, never values).
     tol = {"atol": 1e-5, "rtol": 0} if dtype == "fp32" else {"atol": 0.02, "rtol": 0.01}
+    if bf16:  # the teacher's own bf16 rounding (softmax of bf16 logits is computed in fp32)
+        tol = {"atol": 1e-3, "rtol": 0}
     torch.testing.assert_close(logprobs, top, **tol)
     torch.testing.assert_close(full.gather(-1, ids).to(stored).float(), logprobs, **tol)
     # The stored input ids are the packed ones.
@@ -254,7 +260,8 @@ def test_torchrun_splits_the_shards_and_rank_0_writes_the_manifest(ws, tmp_path)
         ({"shard_blocks": 4}, "shard_blocks 8 there, 4 here"),
         ({"data": "other.txt"}, "the data (packed token ids)"),
         ({"teacher": "teacher2"}, "the teacher (config or weights)"),
-        ({"tokenizer": "tok2"}, "the tokenizer"),
+        ({"tokenizer": "tok2", "allow_tokenizer_mismatch": True}, "the tokenizer"),
+        ({"bf16": True}, "teacher_bf16 False there, True here"),
     ],
 )
 def test_a_rerun_with_other_settings_is_an_error(ws, tmp_path, monkeypatch, change, message):

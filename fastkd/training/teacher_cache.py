@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from fastkd.training.data import has_tokenizer, load_tokenizer, pack, read_records
+from fastkd.training.data import (
+    has_tokenizer,
+    load_tokenizer,
+    pack,
+    read_records,
+    tokenizer_difference,
+)
 from fastkd.training.models import CHUNK_ELEMENTS, Head, body, check_head, load_model
 
 FORMAT = "fastkd-teacher-cache"
@@ -46,6 +52,7 @@ SETTINGS = (
     "format",
     "version",
     "teacher_fingerprint",
+    "teacher_bf16",
     "tokenizer_fingerprint",
     "data_fingerprint",
     "temperature",
@@ -333,6 +340,8 @@ SHARD_BYTES = 256 << 20
 # Suffix of a shard or manifest being written; such a file is never read, and deleted by the
 # next run.
 TMP_SUFFIX = ".tmp"
+# Characters of the data on which --tokenizer and the teacher's own tokenizer must agree.
+SAMPLE_CHARS = 4000
 # Weight files a model directory may hold (what from_pretrained loads).
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # A weight file above WINDOWS windows of WINDOW bytes is fingerprinted by those windows, evenly
@@ -567,6 +576,8 @@ def build_cache(
     batch_size: int = 8,
     tokenizer: str | os.PathLike | None = None,
     shard_blocks: int | None = None,
+    bf16: bool = False,
+    allow_tokenizer_mismatch: bool = False,
 ) -> dict:
     """Run ``teacher`` over ``data`` packed as ``fastkd distill`` packs it and cache its top-k
     log-probabilities at ``temperature`` in ``out`` (the module docstring gives the format).
@@ -588,6 +599,9 @@ def build_cache(
         batch_size: blocks per teacher forward.
         tokenizer: tokenizer directory that packs the data (default: the teacher's).
         shard_blocks: blocks per shard (default: about 256 MiB per shard).
+        bf16: run the teacher in bf16 (as ``distill --bf16`` does), else as it loads.
+        allow_tokenizer_mismatch: take ``tokenizer``'s ids as the teacher's tokens even where
+            the teacher's own tokenizer disagrees with it.
 
     Returns:
         The final manifest.
@@ -612,7 +626,17 @@ def build_cache(
     if top_k > vocab:
         raise ValueError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab})")
     tok = load_tokenizer(tokenizer if tokenizer is not None else teacher)
-    input_ids, _ = pack(read_records(data), tok, block_size)
+    records = read_records(data)
+    if tokenizer is not None and has_tokenizer(teacher) and not allow_tokenizer_mismatch:
+        sample = "".join(text for r in records[:50] for text in r.values())[:SAMPLE_CHARS]
+        why = tokenizer_difference(tok, load_tokenizer(teacher), sample)
+        if why is not None:
+            raise ValueError(
+                f"the tokenizers in --tokenizer {tokenizer} and --teacher {teacher} differ "
+                f"({why}): the teacher would read the ids as other tokens; pass "
+                "--allow-tokenizer-mismatch to take them as the same tokens"
+            )
+    input_ids, _ = pack(records, tok, block_size)
     if int(input_ids.max()) >= vocab:
         raise ValueError(
             f"the data holds token id {int(input_ids.max())} but the teacher's vocabulary has "
@@ -625,6 +649,7 @@ def build_cache(
         "format": FORMAT,
         "version": VERSION,
         "teacher_fingerprint": teacher_fingerprint(teacher),
+        "teacher_bf16": bool(bf16),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "data_fingerprint": data_fingerprint(input_ids),
         "temperature": float(temperature),
@@ -699,11 +724,15 @@ def _compute(teacher, input_ids, out, manifest, shards, batch_size: int, rank: i
             f"--teacher {teacher}: its head has {Head(model).vocab_size} rows, its config says "
             f"vocab_size {manifest['vocab_size']}"
         )
+    if manifest["teacher_bf16"]:
+        model.to(torch.bfloat16)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     model.eval()
     check_head(model)
     blocks = sum(_shard_blocks(manifest, s)[1] for s in todo)
+    id_dtype, lp_dtype = ID_DTYPES[manifest["id_dtype"]], LOGPROB_DTYPES[manifest["dtype"]]
+    k = manifest["top_k"]
     start = time.perf_counter()
     with tqdm(total=blocks, unit="block", desc="teacher top-k", disable=rank != 0) as bar:
         for s in todo:
@@ -711,7 +740,9 @@ def _compute(teacher, input_ids, out, manifest, shards, batch_size: int, rank: i
             parts = []
             for b in range(first, first + n, batch_size):  # batches stay inside the shard
                 batch = input_ids[b : min(b + batch_size, first + n)]
-                parts.append(teacher_topk(model, batch, manifest["top_k"], manifest["temperature"]))
+                ids, logprobs = teacher_topk(model, batch, k, manifest["temperature"])
+                # In the storage types at once: a shard in int64 and fp32 would take 3x.
+                parts.append((ids.to(id_dtype), logprobs.to(lp_dtype)))
                 bar.update(batch.shape[0])
             ids, logprobs = (torch.cat(p) for p in zip(*parts))
             write_shard(out, manifest, s, input_ids[first : first + n], ids, logprobs)
