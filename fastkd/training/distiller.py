@@ -4,13 +4,18 @@ It runs each model's body (``model.base_model``; for a peft model, that of the c
 wraps) for hidden states and takes the head from ``get_output_embeddings()`` (a LoRA-adapted
 head included), then calls the fused linear KD loss, so neither model's [N, V] logits are ever
 materialized, and no architecture needs patching. A probe at construction checks that body and
-head reproduce each model's own logits (``fastkd.training.models.check_head``).
+head reproduce each model's own logits (``fastkd.training.models.check_head``). With a teacher
+cache (``fastkd.training.teacher_cache``) instead of teacher models, the cached top-k of the
+teacher is the target and the fused sparse loss (``fastkd.fused_linear_sparse_kd_loss``) is
+called on the student's hidden states.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +26,7 @@ from torch import nn
 
 from fastkd.fused_linear_kd_loss import fused_linear_kd_loss
 from fastkd.reference import _plog_ratio
+from fastkd.sparse_kd_loss import fused_linear_sparse_kd_loss
 from fastkd.training.config import DistillConfig
 from fastkd.training.fsdp import full_weights, is_sharded
 from fastkd.training.models import (
@@ -94,8 +100,46 @@ def _hidden_size(model) -> int:
     return int(model.config.hidden_size)
 
 
+def check_cache_config(config: DistillConfig, cache) -> None:
+    """Raise ValueError unless ``config`` can distil from ``cache`` (a ``TeacherCache``): the
+    cache holds the teacher's top-k log-probabilities at one temperature, and nothing else."""
+    for name, what in (("feature_weight", "hidden states"), ("attention_weight", "attention maps")):
+        if getattr(config, name) > 0:
+            raise ValueError(
+                f"{name}={getattr(config, name)}: a teacher cache holds no {what} of the "
+                f"teacher; set {name}=0 or distil from the teacher model"
+            )
+    if config.self_distillation is not None:
+        raise ValueError(
+            f"self_distillation={config.self_distillation!r} makes its own teacher; a teacher "
+            "cache is the teacher: give one of them"
+        )
+    if config.teacher_weights is not None:
+        raise ValueError("teacher_weights weigh several teachers; a teacher cache is one teacher")
+    if config.vocab is not None:
+        raise ValueError(
+            f"vocab={config.vocab!r} maps a teacher model's vocabulary; a teacher cache's ids "
+            "index the student's vocabulary directly (it must cover the cache's): drop vocab"
+        )
+    if not math.isclose(config.temperature, cache.temperature, rel_tol=1e-6):
+        raise ValueError(
+            f"temperature={config.temperature:g}, but the teacher cache holds log-probabilities "
+            f"at T={cache.temperature:g} (fixed when it was built): set temperature to "
+            f"{cache.temperature:g}"
+        )
+
+
+def open_teacher_cache(cache):
+    """A ``TeacherCache`` from a cache directory, or ``cache`` itself when it is one."""
+    if isinstance(cache, (str, os.PathLike)):
+        from fastkd.training.teacher_cache import TeacherCache
+
+        return TeacherCache(cache)
+    return cache
+
+
 class Distiller(nn.Module):
-    """Loss of a student against one or more frozen teachers (or itself).
+    """Loss of a student against one or more frozen teachers (or itself, or a teacher cache).
 
     ``distiller(input_ids, attention_mask=None, labels=None)`` returns a ``DistillOutput``.
     ``labels`` follow the transformers convention: same positions as ``input_ids`` (the causal
@@ -115,23 +159,52 @@ class Distiller(nn.Module):
     Args:
         student: a transformers causal LM, or a ``peft`` model wrapping one.
         teachers: one causal LM or a list (``config.teacher_weights`` weighs them); ``None``
-            with ``config.self_distillation`` set.
+            with ``config.self_distillation`` set or with ``teacher_cache``.
         config: a ``DistillConfig``.
+        teacher_cache: a ``fastkd.training.teacher_cache.TeacherCache`` or its directory,
+            instead of teacher models (none is then in memory). Each batch then brings the
+            cached top-k of its positions, ``teacher_ids`` and ``teacher_logprobs``
+            ([B, S, k]; ``fastkd.training.data.TeacherCacheDataset`` gives them), and the KD
+            term is ``fastkd.fused_linear_sparse_kd_loss`` with ``config.tail``: position t's
+            cached distribution (of the token after t) is the target of the student's hidden
+            state t. The cache fixes the temperature (``config.temperature`` must equal it) and
+            holds no hidden states or attention maps (feature and attention losses are
+            errors), and the student's vocabulary must cover the cache's.
     """
 
-    def __init__(self, student: nn.Module, teachers=None, config: DistillConfig | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers=None,
+        config: DistillConfig | None = None,
+        teacher_cache=None,
+    ):
         super().__init__()
         self.distill_config = config or DistillConfig()
         self.student = student
         cfg = self.distill_config
-        if teachers is None:
+        self.teacher_cache = None
+        if teacher_cache is not None:
+            if teachers is not None:
+                raise ValueError(
+                    "pass teachers or teacher_cache, not both: the cache replaces the teacher"
+                )
+            self.teacher_cache = open_teacher_cache(teacher_cache)
+            check_cache_config(cfg, self.teacher_cache)
+            teachers = []
+        elif cfg.tail != "bucket":
+            raise ValueError(
+                f"tail={cfg.tail!r} applies to a teacher cache (its top-k misses the tail); a "
+                "teacher model gives its full distribution"
+            )
+        elif teachers is None:
             if cfg.self_distillation is None:
                 raise ValueError("teachers is None: pass a teacher, or set self_distillation")
             teachers = [copy.deepcopy(student)]
         elif cfg.self_distillation is not None:
             raise ValueError("self_distillation makes its own teacher: pass teachers=None")
         teachers = list(teachers) if isinstance(teachers, (list, tuple)) else [teachers]
-        if not teachers:
+        if not teachers and self.teacher_cache is None:
             raise ValueError("teachers must hold at least one model")
         for t in teachers:
             t.eval()
@@ -151,6 +224,13 @@ class Distiller(nn.Module):
         self.router_loss = RouterLoss.of(student)
         if self.router_loss is not None:
             self.router_loss.check(student)
+        if self.teacher_cache is not None:
+            vocab = Head(student).vocab_size
+            if self.teacher_cache.vocab_size > vocab:
+                raise ValueError(
+                    f"the teacher cache's ids cover a vocabulary of {self.teacher_cache.vocab_size}"
+                    f" tokens; the student, {describe(student)}, has {vocab} outputs"
+                )
 
         self.attention = cfg.attention_weight > 0
         if self.attention:
@@ -263,8 +343,21 @@ class Distiller(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        teacher_ids: torch.Tensor | None = None,
+        teacher_logprobs: torch.Tensor | None = None,
     ) -> DistillOutput:
         cfg = self.distill_config
+        cached = (teacher_ids, teacher_logprobs)
+        if self.teacher_cache is None and any(t is not None for t in cached):
+            raise ValueError(
+                "teacher_ids/teacher_logprobs are a teacher cache's rows; this Distiller has "
+                "teacher models (pass teacher_cache= to distil from a cache)"
+            )
+        if self.teacher_cache is not None and any(t is None for t in cached):
+            raise ValueError(
+                "this Distiller distils from a teacher cache: each batch needs teacher_ids and "
+                "teacher_logprobs (fastkd.training.data.TeacherCacheDataset gives them)"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         labels = input_ids if labels is None else labels
@@ -297,7 +390,10 @@ class Distiller(nn.Module):
         t_heads = [Head(t) for t in self.teachers]
         # A head that FSDP2 shards is gathered for the fused loss (docs/design.md §10).
         with full_weights(s_head.module, *(h.module for h in t_heads)):
-            kd, ce = self._response_loss(s_head, t_heads, hidden, t_outs, labels)
+            if self.teacher_cache is None:
+                kd, ce = self._response_loss(s_head, t_heads, hidden, t_outs, labels)
+            else:
+                kd, ce = self._cached_loss(s_head, hidden, labels, *cached)
             stats = self._statistics(s_head, hidden, labels)
         zero = hidden.new_zeros((), dtype=torch.float32)
         feature = zero
@@ -355,7 +451,6 @@ class Distiller(nn.Module):
             divergence=cfg.divergence,
             beta=cfg.beta,
             skew=cfg.skew,
-            vocab=cfg.vocab,
             backend=cfg.backend,
             chunk_size=cfg.chunk_size,
             memory_budget=cfg.memory_budget,
@@ -400,6 +495,7 @@ class Distiller(nn.Module):
                 teacher_bias=sum(bt) if bt else None,
                 teacher_softcap=(t_heads[0].softcap or None) if len(ht) == 1 else None,
                 alpha=cfg.alpha,
+                vocab=cfg.vocab,
                 **kwargs,
             )
             return parts.loss - parts.ce, parts.ce
@@ -419,11 +515,29 @@ class Distiller(nn.Module):
                 teacher_softcap=t_heads[k].softcap or None,
                 kd_weight=(1.0 - cfg.alpha) * lam,
                 ce_weight=cfg.alpha if k == 0 else 0.0,
+                vocab=cfg.vocab,
                 **kwargs,
             )
             total = total + parts.loss
             ce = parts.ce if ce is None else ce
         return total - ce, ce
+
+    def _cached_loss(self, s_head: Head, hidden, labels, teacher_ids, teacher_logprobs):
+        """(kd, ce) against the teacher cache's rows of the batch; kd carries the gradient of
+        both."""
+        cfg = self.distill_config
+        parts = fused_linear_sparse_kd_loss(
+            s_head.inputs(hidden),
+            s_head.weight(hidden.dtype),
+            teacher_ids.to(hidden.device),
+            teacher_logprobs.to(hidden.device),
+            labels,
+            student_bias=s_head.bias(hidden.dtype),
+            alpha=cfg.alpha,
+            tail=cfg.tail,
+            **self._loss_kwargs(s_head),
+        )
+        return parts.loss - parts.ce, parts.ce
 
     def _feature_loss(self, out, t_outs, mask) -> torch.Tensor:
         """Mean over selected layers and teachers (weighted) of the per-token feature loss."""

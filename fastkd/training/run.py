@@ -13,15 +13,16 @@ import transformers
 from fastkd.training.config import DistillConfig, RunArguments
 from fastkd.training.data import (
     BlockDataset,
+    TeacherCacheDataset,
     has_tokenizer,
-    held_out_split,
     load_dataset,
     load_tokenizer,
     pack,
     read_records,
+    split_datasets,
     tokenizer_difference,
 )
-from fastkd.training.distiller import Distiller
+from fastkd.training.distiller import Distiller, check_cache_config, open_teacher_cache
 from fastkd.training.evaluate import evaluate
 from fastkd.training.fsdp import is_sharded
 from fastkd.training.models import load_model, load_student
@@ -83,11 +84,19 @@ def training_arguments(
 
 
 def check_run(run: RunArguments, config: DistillConfig, args: transformers.TrainingArguments):
-    """Check what ``distill`` would find out only after loading models: the teachers, the
-    student, the data and the tokenizer exist, the backend runs here, one weight per teacher,
-    a checkpoint to resume from. Raises ValueError or FileNotFoundError naming the argument."""
-    if config.self_distillation is None and not run.teacher:
-        raise ValueError("--teacher is required (or self_distillation)")
+    """Check what ``distill`` would find out only after loading models: the teachers (or the
+    teacher cache and the settings it allows), the student, the data and the tokenizer exist,
+    the backend runs here, one weight per teacher, a checkpoint to resume from. Raises
+    ValueError or FileNotFoundError naming the argument. Returns the ``TeacherCache`` of
+    ``--teacher_cache`` (None without one)."""
+    cache = None
+    if run.teacher_cache is not None:
+        if run.teacher:
+            raise ValueError("--teacher_cache replaces --teacher: give one of them")
+        cache = open_teacher_cache(run.teacher_cache)
+        check_cache_config(config, cache)
+    elif config.self_distillation is None and not run.teacher:
+        raise ValueError("--teacher is required (or self_distillation), or --teacher_cache")
     if config.self_distillation is not None and run.teacher:
         raise ValueError(
             f"self_distillation={config.self_distillation!r} makes its own teacher: drop --teacher"
@@ -129,6 +138,7 @@ def check_run(run: RunArguments, config: DistillConfig, args: transformers.Train
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     elif resume is not None and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    return cache
 
 
 def run_tokenizers(run: RunArguments, records: list[dict[str, str]]):
@@ -170,17 +180,19 @@ def _check_vocab(name: str, model: torch.nn.Module, max_id: int) -> None:
 
 
 def distill(run: RunArguments, config: DistillConfig, args: transformers.TrainingArguments) -> dict:
-    """Distil ``run.teacher`` into ``run.student`` on ``run.data``; save the student (an
-    adapter, or merged, for a LoRA run), with its tokenizer, in ``args.output_dir`` and return
-    its held-out metrics (also written to ``eval.json`` there). Every argument is checked, the
-    data read and packed, before any model loads."""
-    check_run(run, config, args)
+    """Distil ``run.teacher`` (or the teacher cache ``run.teacher_cache``) into
+    ``run.student`` on ``run.data``; save the student (an adapter, or merged, for a LoRA run),
+    with its tokenizer, in ``args.output_dir`` and return its held-out metrics (also written to
+    ``eval.json`` there). Every argument is checked, the data read and packed (and matched
+    against the teacher cache's manifest), before any model loads."""
+    cache = check_run(run, config, args)
     records = read_records(run.data)
     tokenizer, student_tokenizer = run_tokenizers(run, records)
-    train_ds, eval_ds = held_out_split(
-        records, tokenizer, run.block_size, run.eval_fraction, config.seed
-    )
-    max_id = int(max(train_ds.input_ids.max(), eval_ds.input_ids.max()))
+    input_ids, labels = pack(records, tokenizer, run.block_size)
+    if cache is not None:  # the cache's rows are the blocks of exactly this packing
+        cache.check_data(input_ids, tokenizer)
+    train_ds, eval_ds = split_datasets(input_ids, labels, run.eval_fraction, config.seed)
+    max_id = int(input_ids.max())
 
     teachers = [load_model(t) for t in run.teacher]
     torch.manual_seed(config.seed)
@@ -191,11 +203,17 @@ def distill(run: RunArguments, config: DistillConfig, args: transformers.Trainin
         student = _with_lora(student, run)
     for t in teachers:  # teachers are not the Trainer's model: place them here
         t.to(device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
+    if cache is None:
+        distiller = Distiller(student, teachers or None, config)
+        train_set, eval_set = train_ds, eval_ds
+    else:
+        distiller = Distiller(student, config=config, teacher_cache=cache)
+        train_set, eval_set = (TeacherCacheDataset(d, cache) for d in (train_ds, eval_ds))
     trainer = DistillationTrainer(
-        Distiller(student, teachers or None, config),
+        distiller,
         args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
         processing_class=student_tokenizer,
     )
     if is_sharded(trainer.distiller) and trainer.is_world_process_zero():
