@@ -392,8 +392,13 @@ def test_distill_from_a_cache_end_to_end(ws, tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "load_model", lambda path: loaded.append(path))
     monkeypatch.setattr(run_module, "load_student", lambda *a: loaded.append(a) or load_student(*a))
     out = tmp_path / "student"
-    assert main(cache_argv(ws, out, "--tail", "renormalize", "--alpha", "0.2")) == 0
+    extra = ["--tail", "renormalize", "--alpha", "0.2", "--eval_strategy", "steps"]
+    assert main(cache_argv(ws, out, *extra, "--eval_steps", "2")) == 0
     assert len(loaded) == 1  # the student, no teacher
+    # The Trainer's evaluation reads the held-out blocks' cache rows too: a KD part.
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    (logged,) = [e for e in state["log_history"] if "eval_loss" in e]
+    assert logged["eval_kd"] > 0 and logged["eval_ce"] > 0 and logged["eval_perplexity"] > 1
     metrics = json.loads((out / "eval.json").read_text())
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     _, held = held_out_split(read_records(ws / "data.txt"), load_tokenizer(out), BLOCK, 0.2, 0)
