@@ -1,5 +1,6 @@
 """The Triton launchers: the row split into aligned vectors and edges, the alignment they
-choose, and launching on the tensors' device and stream (docs/design.md §5)."""
+choose, and launching on the tensors' device and stream (docs/design.md §5); the sparse
+kernels' layouts, in-place gradient and out-of-range ids (§11)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 from conftest import ULP, assert_close, device_for, tolerance
 
 import fastkd
-from fastkd._options import DIVERGENCES, LossOptions
+from fastkd._options import DIVERGENCE_CODES, DIVERGENCES, TAILS, LossOptions, SparseKernelArgs
+from fastkd.backends import get_backend
 
 if not (status := fastkd.backends()["triton"]).available:
     pytest.skip(status.reason, allow_module_level=True)
 
 from fastkd.kernels import kd_loss as tk  # after the skip: needs triton
+from fastkd.kernels import sparse_kd_loss as sk
 
 
 def rows(n, v, *, seed, dtype=torch.float32, width=None, offset=0, device="cpu"):
@@ -188,3 +191,107 @@ def test_launch_on_tensors_device():
         expected = fastkd.kd_loss(ref, teacher, labels, reduction="none", backend="triton")
         expected.backward(torch.ones_like(expected))
     assert torch.equal(loss, expected) and torch.equal(s.grad, ref.grad)
+
+
+# --- the sparse kernels (a cached top-k teacher, docs/design.md §11) ---------------------------
+
+
+def sparse_rows(n, v, k, *, seed, width=None, offset=0, k_width=None):
+    """Student logits [n, v] inside rows of ``width`` columns from column ``offset``, the top-k
+    of a random teacher at T = 2 as ids and log-probabilities [n, k] inside rows of ``k_width``
+    (in a random order), and labels."""
+    g = torch.Generator().manual_seed(seed)
+    width, k_width = width or v, k_width or k
+    student = (torch.randn(n, width, generator=g) * 3)[:, offset : offset + v]
+    top = torch.log_softmax(torch.randn(n, v, generator=g) * 1.5, -1).topk(k, -1)
+    order = torch.randperm(k, generator=g)
+    ids = torch.zeros(n, k_width, dtype=torch.int64)
+    logprobs = torch.zeros(n, k_width)
+    ids[:, :k], logprobs[:, :k] = top.indices[:, order], top.values[:, order]
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[0] = -100
+    return student, ids[:, :k], logprobs[:, :k], labels
+
+
+def sparse_check(student, ids, logprobs, labels, *, inplace=False, **fields):
+    """The sparse ops on Triton against the fp64 reference's, from the op level (no input
+    checks, the layouts as given); ``inplace``: the gradient written over the student."""
+    args = SparseKernelArgs(
+        divergence=DIVERGENCE_CODES["kl"], temperature=2.0, kd_weight=0.6, ce_weight=0.4,
+        mix=0.0, ignore_index=-100, tail=TAILS.index("bucket"), student_scale=1.0,
+        student_softcap=0.0,
+    )._replace(**fields)  # fmt: skip
+    triton, reference = get_backend("triton"), get_backend("reference")
+    triton.load()
+    grad_loss = torch.linspace(0.5, 1.5, student.shape[0])
+    s = student.clone() if inplace else student
+    loss, stats = triton.sparse_fwd(s, ids, logprobs, labels, None, args)
+    grad = s if inplace else torch.empty_like(student)
+    triton.sparse_bwd(s, ids, logprobs, labels, None, stats, grad_loss, args, grad)
+    ref = student.double()
+    t_loss, t_stats = reference.sparse_fwd(ref, ids, logprobs.double(), labels, None, args)
+    t_grad = torch.empty_like(ref)
+    reference.sparse_bwd(
+        ref, ids, logprobs.double(), labels, None, t_stats, grad_loss.double(), args, t_grad
+    )
+    tol = tolerance("triton", student.dtype, student.shape[1], temperature=args.temperature)
+    assert_close(loss, t_loss, name="loss", **tol)
+    assert_close(grad, t_grad, name="grad", **tol)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(),
+        dict(width=1037),  # every row starts elsewhere modulo 4
+        dict(width=1040, offset=1),  # not 16-byte aligned: ALIGN 1
+        dict(k_width=13),  # ids and log-probabilities in wider rows
+    ],
+    ids=["contiguous", "padded", "unaligned", "strided-ids"],
+)
+def test_sparse_row_layouts(tail, inplace, layout):
+    """The stream's row split at every layout, the gather at strided ids, and the gradient
+    written over the student (the K logits are read before the row is overwritten)."""
+    student, ids, logprobs, labels = sparse_rows(4, 1031, 9, seed=11, **layout)
+    expected = 16 // student.element_size() if "offset" not in layout else 1
+    assert sk._alignment(student, (student,)) == expected
+    sparse_check(student, ids, logprobs, labels, inplace=inplace, tail=TAILS.index(tail))
+
+
+def test_sparse_out_of_range_ids_are_never_read():
+    """An id outside [0, V) (no host check on a GPU) makes its row's loss and gradient NaN
+    without being dereferenced (an id of 2^40 would fault); the other rows are untouched."""
+    student, ids, logprobs, labels = sparse_rows(4, 37, 5, seed=12)
+    labels[0] = 3
+    bad = ids.clone()
+    bad[1, 2], bad[2, 4] = 2**40, -1
+    args = SparseKernelArgs(DIVERGENCE_CODES["jsd"], 2.0, 0.5, 0.5, 0.3, -100, 0, 1.0, 0.0)
+    results = []
+    for i in (ids, bad):
+        loss, stats = sk.sparse_kd_loss_fwd(student, i, logprobs, labels, None, *args)
+        grad = torch.empty_like(student)
+        sk.sparse_kd_loss_bwd(student, i, logprobs, labels, None, stats, torch.ones(4), *args, grad)
+        results.append((loss, stats, grad))
+    (loss, stats, grad), (b_loss, b_stats, b_grad) = results
+    assert b_loss[1:3].isnan().all() and b_stats[1:3, 2].isnan().all()
+    assert b_grad[1:3].isnan().any(1).all()
+    keep = [0, 3]
+    assert torch.equal(b_loss[keep], loss[keep]) and torch.equal(b_grad[keep], grad[keep])
+    assert torch.isfinite(loss).all()
+
+
+def test_sparse_launch_meta():
+    """BLOCK and num_warps from launch_config, k padded to a power of two (1 when the ids are
+    not read), ALIGN from the student and the gradient only (the ids are gathered)."""
+    student = torch.empty(2, 50257, dtype=torch.bfloat16)
+    ids = torch.empty(2, 100, dtype=torch.int64)[:, :50]
+    args = SparseKernelArgs(0, 2.0, 0.5, 0.5, 0.0, -100, 0, 1.0, 0.0)
+    meta = sk.launch_meta(student, ids, None, None, args, grad=student)
+    config = tk.launch_config(50257)
+    assert (meta["BLOCK"], meta["num_warps"]) == (config.block, config.num_warps)
+    assert (meta["KP"], meta["K"], meta["ALIGN"]) == (64, 50, 8)
+    assert sk.launch_meta(student, ids, None, None, args._replace(kd_weight=0.0))["KP"] == 1
+    assert sk.launch_meta(student, ids, None, None, args, grad=student[:, :-1])["ALIGN"] == 8
+    assert sk.launch_meta(student, ids, None, None, args, grad=student[1:, 1:])["ALIGN"] == 1
