@@ -39,6 +39,7 @@ from fastkd.training.models import (
     describe,
     is_peft,
 )
+from fastkd.training.teacher_cache import TeacherCache
 
 PROJECTIONS_FILE = "fastkd_projections.safetensors"
 EMA_TEACHER_FILE = "fastkd_ema_teacher.safetensors"
@@ -131,11 +132,7 @@ def check_cache_config(config: DistillConfig, cache) -> None:
 
 def open_teacher_cache(cache):
     """A ``TeacherCache`` from a cache directory, or ``cache`` itself when it is one."""
-    if isinstance(cache, (str, os.PathLike)):
-        from fastkd.training.teacher_cache import TeacherCache
-
-        return TeacherCache(cache)
-    return cache
+    return TeacherCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
 
 
 class Distiller(nn.Module):
