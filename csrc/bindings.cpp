@@ -1,7 +1,7 @@
 // The Python module fastkd._C. Importing it registers the kernels of every fastkd::* op this
 // build has (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); the op schemas are defined once,
-// in fastkd/_ops.py. The functions below describe the build and the divergence codes it
-// compiled (csrc/kd_math.h), which a test compares with fastkd._options.
+// in fastkd/_ops.py. The functions below describe the build and the divergence codes and tail
+// modes it compiled (csrc/kd_math.h), which tests compare with fastkd._options.
 #include <pybind11/pybind11.h>
 
 #include <string>
@@ -17,6 +17,14 @@ pybind11::dict divergence_codes() {
 #define FASTKD_DIVERGENCE_CODE(id, name) codes[name] = static_cast<int>(fastkd::id);
   FASTKD_DIVERGENCES(FASTKD_DIVERGENCE_CODE)
 #undef FASTKD_DIVERGENCE_CODE
+  return codes;
+}
+
+pybind11::dict tail_codes() {
+  pybind11::dict codes;
+#define FASTKD_TAIL_CODE(id, name) codes[name] = static_cast<int>(fastkd::id);
+  FASTKD_TAILS(FASTKD_TAIL_CODE)
+#undef FASTKD_TAIL_CODE
   return codes;
 }
 
@@ -48,4 +56,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Compiler, threading and CUDA of this build");
   m.def("divergence_codes", &divergence_codes,
         "The kernels' divergence codes, name -> the ops' `divergence` argument");
+  m.def("tail_codes", &tail_codes,
+        "The sparse kernels' tail modes, name -> the sparse ops' `tail` argument");
 }

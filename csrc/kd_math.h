@@ -215,4 +215,117 @@ FASTKD_HD float logit_grad(float kd_scale, float dd, float ce_scale, float dce) 
   return kd_scale * dd + ce_scale * dce;
 }
 
+// ---- Sparse KD: a cached top-k teacher (docs/design.md §11) ----
+//
+// The divergence of a row is taken over bins: the k cached ids K, plus in bucket mode (k < V)
+// one tail bin holding the mass outside K. Each bin has log-probabilities lP (teacher) and lQ
+// (student) made by k_bin_logs (and tail_bin) from the cached lp and the student's
+// full-vocabulary lq = (x - T lse(x / T)) / T; D is the sum of bin_terms' d over the bins, and
+// its gradient is made of the bins' g by sparse_factors and sparse_k_grad. The backends take the
+// sums over the bins, the logs of the row's sums and the student's mass outside K.
+
+// The tail modes in fastkd._options.TAILS order: X(enumerator, Python name). The code is the
+// position (the ops' `tail` argument); fastkd._C.tail_codes() exports the names.
+#define FASTKD_TAILS(X)          \
+  X(kBucket, "bucket")           \
+  X(kRenormalize, "renormalize") \
+  X(kIgnore, "ignore")
+
+enum Tail : int {
+#define FASTKD_TAIL_ENUM(id, name) id,
+  FASTKD_TAILS(FASTKD_TAIL_ENUM)
+#undef FASTKD_TAIL_ENUM
+  kNumTails
+};
+
+// The floor of a bucket tail's mass (TAIL_FLOOR): fp32 cannot resolve 1 - sum_K q much below
+// k 2^-24, and a teacher tail rounded to 0 must not make reverse_kl +inf.
+constexpr float kTailFloor = 0x1p-14f;
+
+// Bucket mode's tail bin of a distribution whose K bins sum to s (the teacher's cached lp): its
+// mass max(1 - s, kTailFloor) and the log of that, log1p(-min(s, 1 - kTailFloor)) (1 - s is exact
+// in fp32 for s >= 1/2). NaN stays NaN. The student's tail is the mass the backend summed outside
+// K, floored at kTailFloor: 1 - sum_K q would lose it to rounding where it is small.
+struct TailBin {
+  float mass, log;
+};
+
+template <class M>
+FASTKD_HD TailBin tail_bin(float s) {
+  const float sc = s > 1.0f - kTailFloor ? 1.0f - kTailFloor : s;
+  return {1.0f - sc, M::log1p(-sc)};
+}
+
+// A K bin's log-probabilities from the cached lp and the student's full-vocabulary lq:
+// bucket keeps both, ignore renormalizes the teacher over K, renormalize both. log_sp, log_sq:
+// the logs of the row's sum_K p and sum_K q; a student with sum_K q = 0 (every gathered logit
+// -inf) renormalizes to lQ = -inf, not NaN.
+struct BinLogs {
+  float lp, lq;
+};
+
+FASTKD_HD BinLogs k_bin_logs(int tail, float lp, float lq, float log_sp, float log_sq) {
+  const float lq_norm = log_sq == -kInf ? -kInf : lq - log_sq;
+  return {tail == kBucket ? lp : lp - log_sp, tail == kRenormalize ? lq_norm : lq};
+}
+
+// One bin's term d of D and g = dD/dlQ, from its log-probabilities lp (teacher) and lq
+// (student). The dense conventions (docs/design.md §3): a leading log-probability <= kLogMin is
+// a probability of 0 and its term is 0, a live one against a partner of -inf makes kl
+// (reverse_kl) +inf, g is 0 where the leading probability is 0. Unlike the dense dD/da_j, g
+// keeps the terms that sum to 0 over a whole distribution (reverse_kl's and skew_reverse_kl's
+// +q): ignore mode's student bins do not sum to 1.
+struct Bin {
+  float d, g;
+};
+
+template <class M, int kDiv>
+FASTKD_HD Bin bin_terms(float lp, float lq, const Mixture& w) {
+  const float p = M::exp(lp), q = M::exp(lq);
+  if constexpr (kDiv == kKL) {  // d: p (lp - lq), g: -p
+    // Written `<= kLogMin ? 0`, not `> kLogMin ?`, so that a NaN stays NaN.
+    return {lp <= kLogMin ? 0.0f : (lq == -kInf ? kInf : p * (lp - lq)), -p};
+  } else if constexpr (kDiv == kReverseKL) {  // d: q (lq - lp), g: q (lq - lp + 1)
+    const float d = lq <= kLogMin ? 0.0f : (lp == -kInf ? kInf : q * (lq - lp));
+    return {d, q > 0.0f ? q * (lq - lp + 1.0f) : 0.0f};
+  } else {
+    const Terms t = two_pass_terms<M, kDiv>(lq, lp, q, p, w);
+    if constexpr (kDiv == kJSD) {  // t: p (lp - lm), q (lq - lm)
+      return {w.mix * t.d + (1.0f - w.mix) * t.g, (1.0f - w.mix) * t.g};
+    } else if constexpr (kDiv == kTVD) {  // t: |p - q|, q h
+      return {0.5f * t.d, t.g};
+    } else if constexpr (kDiv == kSkewKL) {  // t: p (lp - lm), -(1 - l) q p / m
+      return {t.d, t.g};
+    } else {  // kSkewReverseKL; t: q (lq - lm), q (lq - lm) - l q^2 / m
+      return {t.d, t.g + q};
+    }
+  }
+}
+
+// The gradient of D with respect to a = x / T: q_j A at a column j outside K, g_j - r_j C at a
+// column j of K (g_j of its bin; r_j = q_j, or Q_j = e^lQ_j in renormalize mode), with
+//   C = G_K + g_tail q_raw / q_tail,  A = g_tail / q_tail - C  (bucket, ignore),  A = 0
+// (renormalize: its bins do not depend on the columns outside K). G_K = sum_K g; g_tail and
+// q_tail (floored) of the tail bin, 0 and 1 without one; q_raw = 1 - sum_K q, the student's mass
+// outside K. d lQ_tail / da_j = (q_j [j not in K] - q_raw q_j) / q_tail, straight through the
+// floor. This is the spec's q_j A + g_j - q_j g_tail / q_tail at K without its two terms of
+// q_j g_tail / q_tail, which are large and cancel where the student's tail is small.
+// F: the backend's accumulator type.
+template <class F>
+struct SparseFactors {
+  F a, c;
+};
+
+template <class F>
+FASTKD_HD SparseFactors<F> sparse_factors(int tail, F g_tail, F q_raw, F q_tail, F g_k) {
+  const F c = g_k + g_tail * q_raw / q_tail;
+  return {tail == kRenormalize ? F(0) : g_tail / q_tail - c, c};
+}
+
+// dD/da_j at a column of K, g - r_j c: lq is the column's full-vocabulary lq, lq_bin its bin's lQ.
+template <class M>
+FASTKD_HD float sparse_k_grad(int tail, float g, float lq, float lq_bin, float c) {
+  return g - M::exp(tail == kRenormalize ? lq_bin : lq) * c;
+}
+
 }  // namespace fastkd
