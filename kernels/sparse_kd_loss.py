@@ -268,8 +268,9 @@ def _sparse_fwd_kernel(
 
 
 @triton.jit
-def _tile_grad(x, c, label, tla, lse_c, inv_t, kd_a, ce_scale, s_scale, s_cap,
-    TAIL: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, S_CAP: tl.constexpr
+def _tile_grad(
+    x, c, label, tla, lse_c, inv_t, kd_a, ce_scale, s_scale, s_cap, TAIL: tl.constexpr,
+    HAS_KD: tl.constexpr, HAS_CE: tl.constexpr, S_CAP: tl.constexpr
 ):  # fmt: skip
     """d loss / d z of one streamed tile, as if no column were in K: ce part + kd_a q_j, kd_a
     = w grad_loss kd_weight T A (0 without a KD gradient; no KD part for renormalize)."""
