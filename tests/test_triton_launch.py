@@ -82,26 +82,16 @@ def test_vocab_mismatch_keeps_the_split():
     check(student, teacher, labels, vocab="pad", divergence="skew_kl", skew=0.2)
 
 
-@pytest.mark.parametrize("sign", ["up", "mixed"])
-@pytest.mark.parametrize(
-    "options",
-    [{"divergence": d} for d in DIVERGENCES]
-    + [
-        {"temperature": 10.0},
-        {"temperature": 0.5, "student_softcap": 20.0, "teacher_softcap": 30.0},
-    ],
-    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
-)
-def test_tolerance_covers_gpu_math(monkeypatch, sign, options):
-    """The GPU tolerance model (docs/design.md §7) on the kernels themselves: run them with
-    every exp off by 2 + 1.173 |x| ulp and every division by 2 ulp, what a GPU may be off by,
-    all up or either way, and the results stay within the tolerance for Triton on a GPU."""
+def approximate_gpu_math(monkeypatch, sign):
+    """Make the interpreter's fp32 exp off by 2 + 1.173 |x| ulp and its division by 2 ulp, the
+    most a GPU's approximate instructions may be off by (docs/design.md §7): all up, or either
+    way by the parity of the result's last bit (``sign`` "mixed")."""
     from triton.runtime.interpreter import InterpreterBuilder
 
     def off_by(result, ulps):
         if result.data.dtype == np.float32:
             direction = 1
-            if sign == "mixed":  # by the parity of the result's last bit
+            if sign == "mixed":
                 direction = np.where(result.data.view(np.int32) & 1, 1, -1)
             exact = result.data.astype(np.float64)
             result.data = (exact * (1 + direction * ulps * ULP)).astype(np.float32)
@@ -116,6 +106,23 @@ def test_tolerance_covers_gpu_math(monkeypatch, sign, options):
     monkeypatch.setattr(
         InterpreterBuilder, "create_fdiv", lambda self, a, b: off_by(exact_div(self, a, b), 2)
     )
+
+
+@pytest.mark.parametrize("sign", ["up", "mixed"])
+@pytest.mark.parametrize(
+    "options",
+    [{"divergence": d} for d in DIVERGENCES]
+    + [
+        {"temperature": 10.0},
+        {"temperature": 0.5, "student_softcap": 20.0, "teacher_softcap": 30.0},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_tolerance_covers_gpu_math(monkeypatch, sign, options):
+    """The GPU tolerance model (docs/design.md §7) on the kernels themselves: run them with
+    every exp off by 2 + 1.173 |x| ulp and every division by 2 ulp, what a GPU may be off by,
+    all up or either way, and the results stay within the tolerance for Triton on a GPU."""
+    approximate_gpu_math(monkeypatch, sign)
     student, teacher, labels = rows(6, 8191, seed=7)
     check(student, teacher, labels, gpu_math=True, beta=0.3, skew=0.2, **options)
 
@@ -213,9 +220,10 @@ def sparse_rows(n, v, k, *, seed, width=None, offset=0, k_width=None):
     return student, ids[:, :k], logprobs[:, :k], labels
 
 
-def sparse_check(student, ids, logprobs, labels, *, inplace=False, **fields):
+def sparse_check(student, ids, logprobs, labels, *, inplace=False, gpu_math=None, **fields):
     """The sparse ops on Triton against the fp64 reference's, from the op level (no input
-    checks, the layouts as given); ``inplace``: the gradient written over the student."""
+    checks, the layouts as given); ``inplace``: the gradient written over the student;
+    ``gpu_math``: the tolerance for Triton on a GPU (``tolerance``)."""
     args = SparseKernelArgs(
         divergence=DIVERGENCE_CODES["kl"], temperature=2.0, kd_weight=0.6, ce_weight=0.4,
         mix=0.0, ignore_index=-100, tail=TAILS.index("bucket"), student_scale=1.0,
@@ -234,9 +242,34 @@ def sparse_check(student, ids, logprobs, labels, *, inplace=False, **fields):
     reference.sparse_bwd(
         ref, ids, logprobs.double(), labels, None, t_stats, grad_loss.double(), args, t_grad
     )
-    tol = tolerance("triton", student.dtype, student.shape[1], temperature=args.temperature)
+    tol = tolerance(
+        "triton",
+        student.dtype,
+        student.shape[1],
+        gpu_math=gpu_math,
+        temperature=args.temperature,
+        student_softcap=args.student_softcap,
+    )
     assert_close(loss, t_loss, name="loss", **tol)
     assert_close(grad, t_grad, name="grad", **tol)
+
+
+@pytest.mark.parametrize("sign", ["up", "mixed"])
+@pytest.mark.parametrize(
+    "fields",
+    [{"divergence": DIVERGENCE_CODES[d], "mix": 0.0 if d in ("kl", "reverse_kl", "tvd") else 0.3}
+     for d in DIVERGENCES]
+    + [{"tail": TAILS.index(t)} for t in TAILS[1:]]
+    + [{"temperature": 0.5, "student_softcap": 20.0}, {"temperature": 10.0}],
+    ids=[*DIVERGENCES, *TAILS[1:], "T=0.5-softcap", "T=10"],
+)  # fmt: skip
+def test_sparse_tolerance_covers_gpu_math(monkeypatch, sign, fields):
+    """The GPU tolerance model on the sparse kernels (as test_tolerance_covers_gpu_math): the
+    tail bin 1 - sum q_K and the gathered bins, with every exp and division off by what a GPU
+    may be off by, stay within the tolerance for Triton on a GPU."""
+    approximate_gpu_math(monkeypatch, sign)
+    student, ids, logprobs, labels = sparse_rows(6, 8191, 64, seed=13)
+    sparse_check(student, ids, logprobs, labels, gpu_math=True, **fields)
 
 
 @pytest.mark.parametrize("tail", TAILS)
