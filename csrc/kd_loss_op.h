@@ -57,6 +57,23 @@ inline Dtype kernel_dtype(at::ScalarType dtype) {
   }
 }
 
+// Checks the scalar arguments of the dense and the sparse ops (csrc/sparse_kd_loss_op.h, whose
+// student has no teacher_softcap beside it: 0).
+inline void check_scalars(int64_t divergence, double temperature, double mix,
+                          double student_softcap, double teacher_softcap) {
+  TORCH_CHECK(divergence >= 0 && divergence < kNumDivergences,
+              "kd_loss: divergence code must be in [0, ", static_cast<int>(kNumDivergences),
+              "), got ", divergence);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
+              "kd_loss: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK(!is_mixture(divergence) || (mix > 0 && mix < 1),
+              "kd_loss: mix (beta or skew) must be in (0, 1) for divergence code ", divergence,
+              ", got ", mix);
+  TORCH_CHECK(student_softcap >= 0 && teacher_softcap >= 0,
+              "kd_loss: softcaps must be >= 0 (0: none), got ", student_softcap, " and ",
+              teacher_softcap);
+}
+
 // Checks the tensors and scalar arguments both ops take and resolves them.
 template <class Backend>
 KDParams resolve_params(const at::Tensor& student, const at::Tensor& teacher,
@@ -84,20 +101,10 @@ KDParams resolve_params(const at::Tensor& student, const at::Tensor& teacher,
               " rows but student has ", n);
   if (labels) check_per_row(*labels, "labels", at::kLong, n, student);
   if (weights) check_per_row(*weights, "weights", at::kFloat, n, student);
-  TORCH_CHECK(divergence >= 0 && divergence < kNumDivergences,
-              "kd_loss: divergence code must be in [0, ", static_cast<int>(kNumDivergences),
-              "), got ", divergence);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "kd_loss: temperature must be finite and > 0, got ", temperature);
+  check_scalars(divergence, temperature, mix, student_softcap, teacher_softcap);
   TORCH_CHECK(kd_vocab >= 1 && kd_vocab <= vs, "kd_loss: kd_vocab must be in [1, ", vs,
               "] (the student vocabulary), got ", kd_vocab);
   const bool mixture = is_mixture(divergence);
-  TORCH_CHECK(!mixture || (mix > 0 && mix < 1),
-              "kd_loss: mix (beta or skew) must be in (0, 1) for divergence code ", divergence,
-              ", got ", mix);
-  TORCH_CHECK(student_softcap >= 0 && teacher_softcap >= 0,
-              "kd_loss: softcaps must be >= 0 (0: none), got ", student_softcap, " and ",
-              teacher_softcap);
 
   KDParams p{};
   p.student = student.data_ptr();
@@ -146,10 +153,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(
   return {loss, stats};
 }
 
-// Checks what the backward takes beyond the forward's arguments: grad_loss and grad.
-inline void check_grad_args(const KDParams& p, const at::Tensor& student,
-                            const at::Tensor& grad_loss, const at::Tensor& grad) {
-  check_per_row(grad_loss, "grad_loss", at::kFloat, p.n, student);
+// Checks what the backward takes beyond the forward's arguments: grad_loss (n rows) and grad.
+inline void check_grad_args(int64_t n, const at::Tensor& student, const at::Tensor& grad_loss,
+                            const at::Tensor& grad) {
+  check_per_row(grad_loss, "grad_loss", at::kFloat, n, student);
   check_on_device(grad, "grad", student);
   TORCH_CHECK(grad.sizes() == student.sizes(), "kd_loss: grad must have the student's shape ",
               student.sizes(), ", got ", grad.sizes());
@@ -175,7 +182,7 @@ void kd_loss_bwd(const at::Tensor& student, const at::Tensor& teacher,
                   stats.size(1) == 4 && stats.is_contiguous(),
               "kd_loss: stats must be a contiguous float32 tensor of shape [", p.n,
               ", 4] (from kd_loss_fwd), got ", stats.scalar_type(), " ", stats.sizes());
-  check_grad_args(p, student, grad_loss, grad);
+  check_grad_args(p.n, student, grad_loss, grad);
   if (p.n == 0) return;
   Backend::bwd(p,
                KDGrad{stats.data_ptr<float>(), grad_loss.data_ptr<float>(), grad_loss.stride(0),
@@ -195,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_bwd(
   const KDParams p = resolve_params<Backend>(
       student, teacher, labels, weights, divergence, temperature, kd_weight, ce_weight, mix,
       ignore_index, kd_vocab, student_scale, student_softcap, teacher_scale, teacher_softcap);
-  check_grad_args(p, student, grad_loss, grad);
+  check_grad_args(p.n, student, grad_loss, grad);
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({p.n}, f32);
   at::Tensor stats = at::empty({p.n, 4}, f32);

@@ -1,6 +1,6 @@
 // The torch-facing half of fastkd::sparse_kd_loss_fwd / _bwd / _fwd_bwd (a cached top-k
-// teacher, docs/design.md §11), as csrc/kd_loss_op.h is for the dense ops, whose check helpers
-// it uses: the checks of ids and logprobs (TORCH_CHECK messages name the argument), the
+// teacher, docs/design.md §11), as csrc/kd_loss_op.h is for the dense ops, whose checks it
+// shares: the checks of ids and logprobs (TORCH_CHECK messages name the argument), the
 // resolution of the op's arguments into a SparseParams, and the ops as templates over a backend.
 // The schemas (argument order: fastkd._options.SparseKernelArgs) are defined in fastkd/_ops.py.
 //
@@ -67,18 +67,7 @@ SparseParams resolve_sparse_params(const at::Tensor& student, const at::Tensor& 
   if (labels) check_per_row(*labels, "labels", at::kLong, n, student);
   if (weights) check_per_row(*weights, "weights", at::kFloat, n, student);
 
-  // The scalar checks of kd_loss_op.h's resolve_params, less the teacher's.
-  TORCH_CHECK(divergence >= 0 && divergence < kNumDivergences,
-              "sparse_kd_loss: divergence code must be in [0, ",
-              static_cast<int>(kNumDivergences), "), got ", divergence);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "sparse_kd_loss: temperature must be finite and > 0, got ", temperature);
-  const bool mixture = is_mixture(divergence);
-  TORCH_CHECK(!mixture || (mix > 0 && mix < 1),
-              "sparse_kd_loss: mix (beta or skew) must be in (0, 1) for divergence code ",
-              divergence, ", got ", mix);
-  TORCH_CHECK(student_softcap >= 0, "sparse_kd_loss: student_softcap must be >= 0 (0: none), got ",
-              student_softcap);
+  check_scalars(divergence, temperature, mix, student_softcap, 0.0);
   TORCH_CHECK(tail >= 0 && tail < kNumTails, "sparse_kd_loss: tail code must be in [0, ",
               static_cast<int>(kNumTails), ") (fastkd._options.TAILS), got ", tail);
 
@@ -104,6 +93,7 @@ SparseParams resolve_sparse_params(const at::Tensor& student, const at::Tensor& 
   p.inv_t = static_cast<float>(1.0 / temperature);
   p.kd_w = static_cast<float>(kd_weight);
   p.ce_w = static_cast<float>(ce_weight);
+  const bool mixture = is_mixture(divergence);
   p.mix = {static_cast<float>(mix), mixture ? static_cast<float>(std::log(mix)) : 0.0f,
            mixture ? static_cast<float>(std::log1p(-mix)) : 0.0f};
   p.s_scale = static_cast<float>(student_scale);
@@ -111,20 +101,6 @@ SparseParams resolve_sparse_params(const at::Tensor& student, const at::Tensor& 
   p.has_kd = kd_weight != 0;
   p.has_ce = ce_weight != 0 && labels;  // no labels: no CE term (docs/design.md §2)
   return p;
-}
-
-// grad_loss and grad, as kd_loss_op.h's check_grad_args.
-inline void check_sparse_grad_args(int64_t n, const at::Tensor& student,
-                                   const at::Tensor& grad_loss, const at::Tensor& grad) {
-  check_per_row(grad_loss, "grad_loss", at::kFloat, n, student);
-  check_on_device(grad, "grad", student);
-  TORCH_CHECK(grad.sizes() == student.sizes(),
-              "sparse_kd_loss: grad must have the student's shape ", student.sizes(), ", got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == student.scalar_type(),
-              "sparse_kd_loss: grad must have the student's dtype ", student.scalar_type(),
-              ", got ", grad.scalar_type());
-  check_last_dim(grad, "grad");
 }
 
 template <class Backend>
@@ -160,7 +136,7 @@ void sparse_kd_loss_bwd(const at::Tensor& student, const at::Tensor& ids,
               "sparse_kd_loss: stats must be a contiguous float32 tensor of shape [", p.n, ", ",
               kSparseStats, "] (from sparse_kd_loss_fwd), got ", stats.scalar_type(), " ",
               stats.sizes());
-  check_sparse_grad_args(p.n, student, grad_loss, grad);
+  check_grad_args(p.n, student, grad_loss, grad);
   if (p.n == 0) return;
   Backend::bwd(p,
                KDGrad{stats.data_ptr<float>(), grad_loss.data_ptr<float>(), grad_loss.stride(0),
@@ -180,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_fwd_bwd(
   const SparseParams p = resolve_sparse_params<Backend>(
       student, ids, logprobs, labels, weights, divergence, temperature, kd_weight, ce_weight,
       mix, ignore_index, tail, student_scale, student_softcap);
-  check_sparse_grad_args(p.n, student, grad_loss, grad);
+  check_grad_args(p.n, student, grad_loss, grad);
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({p.n}, f32);
   at::Tensor stats = at::empty({p.n, kSparseStats}, f32);

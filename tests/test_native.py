@@ -172,7 +172,7 @@ def _sparse_bwd(student, ids, logprobs, labels, stats, grad, args=SPARSE_ARGS):
         (dict(args=dict(divergence=6)), r"divergence code must be in \[0, 6\)"),
         (dict(args=dict(temperature=0.0)), "temperature must be finite and > 0"),
         (dict(args=dict(divergence=DIVERGENCE_CODES["jsd"], mix=1.0)), r"mix .* in \(0, 1\)"),
-        (dict(args=dict(student_softcap=-1.0)), "student_softcap must be >= 0"),
+        (dict(args=dict(student_softcap=-1.0)), r"softcaps must be >= 0 .*got -1 and 0"),
     ],
 )
 def test_sparse_op_checks_name_the_argument(change, match):
