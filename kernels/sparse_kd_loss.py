@@ -347,16 +347,19 @@ def _sparse_bwd_kernel(
             if TAIL == RENORMALIZE:
                 dd = g - g_k * tl.exp(lQ)
             else:
-                a = -g_k
-                fix = g
+                # dD/da_j = q_j A outside K and g_j - q_j c in K, c = G_K + g_t q_raw / q_eff,
+                # A = g_t / q_eff - c: the spec's q_j A + g_j - q_j g_t / q_eff without its two
+                # terms of size q_j g_t / q_eff (up to 2^14 q_j) that cancel in fp32.
+                c = g_k
                 if TAIL == BUCKET:
                     _, g_t = _bin_terms(lP_t, lQ_t, mix, log_w1, log_w2, DIV)
                     g_t = tl.where(K < V, g_t, 0.0)  # k = V: no tail bin
-                    a += g_t * s_q / q_eff
-                    fix -= q * (g_t / q_eff)
-                a = tl.where(kd_on, a, 0.0)
-                dd = q * a + fix
-                kd_a = kd_scale * a
+                    c += g_t * ((1.0 - s_q) / q_eff)
+                    a = g_t / q_eff - c
+                else:  # IGNORE: no tail bin
+                    a = -c
+                dd = g - q * c
+                kd_a = kd_scale * tl.where(kd_on, a, 0.0)
             grad_k = tl.where(kd_on, kd_scale * dd, 0.0)
             if HAS_CE:
                 grad_k += ce_scale * (tl.exp(x - lse_c) - tl.where(ids == y, 1.0, 0.0))
