@@ -4,13 +4,17 @@
 // online softmax and row loop are the dense kernels' (csrc/cpu/tiles.h). Executable truth:
 // fastkd/reference.py (sparse_loss_rows).
 //
-// Forward, per row: one pass over the V columns in fp32 tiles for the running max and sum of
-// e^((x - m) / T) (the student's full-vocabulary softmax at T) and of e^(x - m) (the CE's; at
-// T = 1 or 2 a power of the first, no second exponential) and the label's logit. Then the k
-// cached columns are gathered and made into bins, O(k), and D summed over them in double.
-// Backward: the bins again, from the stats; one pass writing, per column, the CE's gradient plus
-// kd_weight T q_j A (A from the bins), and the K columns' own part added into the fp32 tile
-// before it is stored, so a bf16/fp16 gradient is rounded once.
+// Forward, per row: one pass over the V columns in fp32 tiles for the running max and the sums
+// of e^((x - m) / T) (the student's softmax at T) and of e^(x - m) (the CE's; at T = 1 or 2 a
+// power of the first, no second exponential). The K columns are taken out of each tile after
+// its max (kept, then set to -inf) and added to both sums in double, so the student's mass
+// outside K, q_raw, is a ratio of two sums, accurate where it is tiny. The bins are made from
+// the K columns, O(k), and D summed over them in double. stats[:, 0] holds T lse(x / T) over
+// the columns outside K, from which and the K columns the backward rebuilds T lse(x / T) and
+// q_raw (docs/design.md §11). Backward: the K columns read first (grad may be the student),
+// the bins again; one pass writing, per column, the CE's gradient plus kd_weight T q_j A, and
+// each K column's whole gradient (closed form, sparse_k_grad) written into the fp32 tile before
+// the tile is stored, so a bf16/fp16 gradient is rounded once.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -113,14 +117,11 @@ struct Scratch {
       : x(p.k), lq(p.k), lq_bin(p.k), g(p.k), order(p.k), tile_end((p.v + kTile - 1) / kTile) {}
 };
 
-// Reads the K columns' logits into w.x, before a backward writes over the row (grad may be the
-// student), and groups the bins by tile (a counting sort, O(k + tiles)). False at an id outside
-// [0, V), which is not read.
-template <class E>
-bool gather(const SparseParams& p, const typename E::T* s, const int64_t* ids, Scratch& w) {
+// Groups the bins by the tile of their column (a counting sort, O(k + tiles)). False at an id
+// outside [0, V): that row is not read at all.
+bool group(const SparseParams& p, const int64_t* ids, Scratch& w) {
   for (int64_t i = 0; i < p.k; ++i) {
     if (ids[i] < 0 || ids[i] >= p.v) return false;
-    w.x[i] = transform<M>(E::load(s[ids[i]]), p.s_scale, p.s_cap);
   }
   std::fill(w.tile_end.begin(), w.tile_end.end(), 0);
   for (int64_t i = 0; i < p.k; ++i) ++w.tile_end[ids[i] / kTile];
@@ -198,7 +199,7 @@ RowBins row_bins_any(const SparseParams& p, const float* lp, const Softmax& sm, 
 template <class E>
 void fwd_row(const SparseParams& p, const typename E::T* s, const int64_t* ids, const float* lp,
              int64_t y, float w, float* loss, float* stats, float* xs, Scratch& scratch) {
-  const bool kd = p.has_kd && gather<E>(p, s, ids, scratch);  // false at a bad id
+  const bool kd = p.has_kd && group(p, ids, scratch);  // false at a bad id
   Online A{p.inv_t}, C;
   const int pow = ce_pow(p);
   const int64_t cols = p.has_kd || p.has_ce ? p.v : 0;
@@ -209,8 +210,10 @@ void fwd_row(const SparseParams& p, const typename E::T* s, const int64_t* ids, 
     const float m = tile_max(xs, n);
     if (p.has_kd) A.move(m);
     if (p.has_ce) C.move(m);
-    if (kd) {  // the sums run over the columns outside K; the K columns are added below
-      for (; next < scratch.tile_end[t]; ++next) xs[ids[scratch.order[next]] - j0] = -kInf;
+    // The K columns are kept, and left out of the tile's sums: they are added below.
+    for (; kd && next < scratch.tile_end[t]; ++next) {
+      const int64_t i = scratch.order[next];
+      scratch.x[i] = std::exchange(xs[ids[i] - j0], -kInf);
     }
     if (p.has_kd) student_sums_any(pow, is_wide(A.ref, A.ref, p.inv_t), xs, n, p.inv_t, A, C);
     if (p.has_ce && pow == 0) C.s += sum_exp(xs, n, C.ref);
@@ -255,7 +258,11 @@ void bwd_row(const SparseParams& p, const typename E::T* s, const int64_t* ids, 
   float tla = 0.0f;   // T lse(x / T)
   bool k_cols = false;  // whether scratch.g holds the K columns' gradients
   if (p.has_kd && kd_grad_on(stats[2])) {
-    if (gather<E>(p, s, ids, scratch)) {
+    if (group(p, ids, scratch)) {
+      // The K columns are read before grad (possibly the student itself) is written.
+      for (int64_t i = 0; i < p.k; ++i) {
+        scratch.x[i] = transform<M>(E::load(s[ids[i]]), p.s_scale, p.s_cap);
+      }
       const float l_out = stats[0];
       const float m = std::max(l_out, *std::max_element(scratch.x.begin(), scratch.x.end()));
       const Softmax sm = full_softmax(p, m, std::exp((static_cast<double>(l_out) - m) * p.inv_t),
