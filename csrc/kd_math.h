@@ -1,6 +1,7 @@
 // The element math of the native kernels, one copy for CPU and CUDA (docs/design.md §3): the
 // divergence codes and, per column, the logit transform, the log-mixture, each divergence's loss,
-// G and dD/da_j terms and the CE's gradient. Plain C++ for nvcc and g++; math policy M (static
+// G and dD/da_j terms and the CE's gradient; the sparse loss's tail codes and per-bin terms
+// (docs/design.md §11). Plain C++ for nvcc and g++; math policy M (static
 // fp32 exp, log1p, tanh): CudaMath (accurate expf...) in csrc/cuda/kd_loss.cu, CpuMath
 // (vectorisable polynomials) in csrc/cpu/vec_math.h. Row algorithms stay in the backends.
 #pragma once
