@@ -347,18 +347,18 @@ def _sparse_bwd_kernel(
             if TAIL == RENORMALIZE:
                 dd = g - g_k * tl.exp(lQ)
             else:
-                # dD/da_j = q_j A outside K and g_j - q_j c in K, c = G_K + g_t q_raw / q_eff,
-                # A = g_t / q_eff - c: the spec's q_j A + g_j - q_j g_t / q_eff without its two
+                # dD/da_j = q_j A outside K and g_j - q_j r in K, r = G_K + g_t q_raw / q_eff,
+                # A = g_t / q_eff - r: the spec's q_j A + g_j - q_j g_t / q_eff without its two
                 # terms of size q_j g_t / q_eff (up to 2^14 q_j) that cancel in fp32.
-                c = g_k
+                r = g_k
                 if TAIL == BUCKET:
                     _, g_t = _bin_terms(lP_t, lQ_t, mix, log_w1, log_w2, DIV)
                     g_t = tl.where(K < V, g_t, 0.0)  # k = V: no tail bin
-                    c += g_t * ((1.0 - s_q) / q_eff)
-                    a = g_t / q_eff - c
+                    r += g_t * ((1.0 - s_q) / q_eff)
+                    a = g_t / q_eff - r
                 else:  # IGNORE: no tail bin
-                    a = -c
-                dd = g - q * c
+                    a = -r
+                dd = g - q * r
                 kd_a = kd_scale * tl.where(kd_on, a, 0.0)
             grad_k = tl.where(kd_on, kd_scale * dd, 0.0)
             if HAS_CE:
