@@ -8,9 +8,10 @@ A cache is a directory (docs/design.md §11, "Teacher cache"):
   else int32) and ``logprobs`` [b, S, k] (bf16 or fp32): per position the teacher's top-k token
   ids and log softmax(z / T) at them, over the teacher's full vocabulary, largest first. The
   safetensors metadata names the settings hash and the shard's blocks.
-* ``manifest.json``: the settings (format, teacher/tokenizer/data fingerprints, T, k, dtypes,
-  vocabulary, block size and count, blocks per shard), their hash, the shard list (file, first
-  block, blocks, bytes) and ``complete``, true only once every shard is written.
+* ``manifest.json``: the settings (``SETTINGS``: format, teacher/tokenizer/data fingerprints,
+  the teacher's precision, T, k, dtypes, vocabulary, block size and count, blocks per shard),
+  bytes per token, the shard list (file, first block, blocks, bytes) and ``complete``, true
+  only once every shard is written.
 
 Blocks are numbered as ``pack`` returns them, before the train/held-out split, so training
 looks up any block of ``fastkd distill``'s split by its number.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from fastkd.training.data import (
     has_tokenizer,
@@ -412,8 +414,6 @@ def write_shard(
     logprobs: torch.Tensor,
 ) -> None:
     """Write shard ``shard`` of the cache ``manifest`` describes atomically."""
-    from safetensors.torch import save
-
     first = shard * manifest["shard_blocks"]
     metadata = {
         "format": FORMAT,
@@ -464,9 +464,12 @@ def teacher_topk(
     logprobs = torch.empty((rows.shape[0], top_k), dtype=torch.float32, device=device)
     step = max(1, CHUNK_ELEMENTS // head.vocab_size)
     for start in range(0, rows.shape[0], step):
-        z = head.logits(rows[start : start + step], weight, bias)
-        values, indices = torch.log_softmax(z / temperature, -1).topk(top_k, -1)
-        logprobs[start : start + step], ids[start : start + step] = values, indices
+        # log softmax(a) at the top k of a = z / T is a - lse(a) there: two reads of the
+        # chunk (top-k, log-sum-exp), no [rows, V] log-softmax written.
+        a = head.logits(rows[start : start + step], weight, bias).div_(temperature)
+        values, indices = a.topk(top_k, -1)
+        logprobs[start : start + step] = values - a.logsumexp(-1, keepdim=True)
+        ids[start : start + step] = indices
     shape = (*input_ids.shape, top_k)
     return ids.view(shape).cpu(), logprobs.view(shape).cpu()
 
