@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fastkd
-from fastkd._options import DIVERGENCES, KernelArgs, LossOptions
+from fastkd._options import DIVERGENCES, TAILS, KernelArgs, LossOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ROOT / "docs" / "design.md"
@@ -91,7 +91,7 @@ def design() -> str:
 
 
 def test_sections_are_the_fixed_ones(design):
-    assert list(sections(design)) == list(range(1, 11))
+    assert list(sections(design)) == list(range(1, 12))
 
 
 def test_design_references_name_existing_sections(design):
@@ -125,6 +125,16 @@ def test_divergence_tables_list_every_divergence(design):
         assert found == [list(DIVERGENCES)], f"§{num}: divergence table rows {found}"
 
 
+def test_tail_table_lists_every_tail_mode(design):
+    """§11 has a table with one row per tail mode of the sparse losses, in TAILS order."""
+    found = [
+        [code_names(row[0])[0] for row in table[1:]]
+        for table in tables(sections(design)[11])
+        if table[0][0].strip("`") == "tail"
+    ]
+    assert found == [list(TAILS)], f"§11: tail table rows {found}"
+
+
 def test_kernel_args_table_follows_the_named_tuple(design):
     (table,) = [t for t in tables(sections(design)[2]) if t[0][0] == "field"]
     names = [name for row in table[1:] for name in code_names(row[0])]
@@ -137,7 +147,8 @@ def test_divergence_dispatch_lives_in_the_header():
     two-pass path, so a switch that names one of those by hand would miss a new one (switches
     take their cases from the header's FASTKD_DIVERGENCES list instead)."""
     header = (ROOT / "csrc" / "kd_math.h").read_text()
-    codes = re.findall(r"X\((k\w+),", header)
+    listed = re.search(r"#define FASTKD_DIVERGENCES\(X\)(.*?)\n\n", header, flags=re.S)
+    codes = re.findall(r"X\((k\w+),", listed.group(1))
     assert len(codes) == len(DIVERGENCES), f"csrc/kd_math.h: divergence list {codes}"
     two_pass = [c for c in codes if c not in ("kKL", "kReverseKL")]
     case = re.compile(r"\bcase\s+(?:fastkd::)?(" + "|".join(two_pass) + r")\b")

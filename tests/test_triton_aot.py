@@ -23,7 +23,8 @@ RESOURCES = ("n_regs", "local_bytes", "shared", "ldg128", "ldg", "stg128", "stg"
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("arch", "kernel", "dtype", "divergence", "setting"))
+    keys = ("arch", "op", "kernel", "dtype", "divergence", "tail", "setting")
+    return tuple(row.get(k) for k in keys)
 
 
 def _index(report: dict) -> dict[tuple, dict]:
