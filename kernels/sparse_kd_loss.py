@@ -1,14 +1,16 @@
 """Triton kernels of the sparse KD loss (a cached top-k teacher: ids and log-probabilities
 instead of logits), and their launchers (docs/design.md §11).
 
-One program per row. The forward streams the row's V student columns in BLOCK-wide tiles with
-an online log-sum-exp of x/T (logit units, x/T never formed) and of x (the CE), as the dense
-kernels do (``kernels/kd_loss.py``: the same transform, 16-byte-aligned tiles and numeric-edge
-conventions), then gathers the k student logits at the cached ids into one KP-wide block (k
-padded to a power of two), forms the bins of the tail mode and the divergence over them: O(k)
-beyond the stream. The backward recomputes the bins from the stats and the k gathered logits,
-streams the row once writing the part of the gradient every column shares (CE, and T q_j A for
-the KD term of the bucket and ignore modes), then stores the k gathered columns' full gradient.
+One program per row. The forward gathers the k student logits at the cached ids into one
+KP-wide block (k padded to a power of two), then streams the row's V columns in BLOCK-wide
+tiles with an online log-sum-exp of x/T over the columns outside K (logit units, x/T never
+formed; the K columns are left out, not subtracted, so the student's tail mass keeps its
+relative precision) and of x over all columns (the CE), as the dense kernels do
+(``kernels/kd_loss.py``: the same transform, 16-byte-aligned tiles and numeric-edge
+conventions), then forms the bins of the tail mode and the divergence over them: O(k) beyond
+the stream. The backward rebuilds the bins from the stats and the k gathered logits, streams
+the row once writing the part of the gradient every column shares (CE, and T q_j A for the KD
+term of the bucket and ignore modes), then stores the k gathered columns' full gradient.
 Nothing of size [N, V] is allocated but the gradient. Truth: ``fastkd.reference.sparse_loss_rows``.
 """
 
@@ -49,7 +51,7 @@ RENORMALIZE: tl.constexpr = tl.constexpr(TAILS.index("renormalize"))
 IGNORE: tl.constexpr = tl.constexpr(TAILS.index("ignore"))
 
 # The least probability of a tail bin, 2^-14 (docs/design.md §11; fastkd/reference.py
-# TAIL_FLOOR): fp32 cannot resolve 1 - sum(q_K) much below k 2^-24.
+# TAIL_FLOOR).
 TAIL_FLOOR: tl.constexpr = tl.constexpr(2.0**-14)
 
 
@@ -61,21 +63,39 @@ def _load_x(s_row, c, mask, s_scale, s_cap, S_CAP: tl.constexpr):
 
 
 @triton.jit
-def _lse_tile(m_a, s_a, m_c, s_c, x, inv_t, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr):
-    """Merge one tile into the running log-sum-exps of x/T (KD) and x (CE), logit units."""
+def _lse_tile(m_a, s_a, m_c, s_c, x, xa, inv_t, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr):
+    """Merge one tile into the running log-sum-exps of xa/T (KD: the tile with its cached
+    columns -inf) and x (CE: every column), logit units."""
     if HAS_KD:
-        m_a, s_a, _, _ = _online(m_a, s_a, x, inv_t)
+        m_a, s_a, _, _ = _online(m_a, s_a, xa, inv_t)
     if HAS_CE:
         m_c, s_c, _, _ = _online(m_c, s_c, x, 1.0)
     return m_a, s_a, m_c, s_c
 
 
 @triton.jit
+def _outside_k(x, col, sid, lo_id, hi_id, V):
+    """x with -inf at its columns col (row positions) that are cached ids, of which those in
+    [lo_id, hi_id) can be in this tile: sid the row's ids sorted (V past k and at ids outside
+    [0, V)). One small reduction per tile and per id in it, one compare per column and id."""
+    n_in = tl.sum(((sid >= lo_id) & (sid < hi_id)).to(tl.int32), 0)
+    cur = lo_id
+    for _ in range(n_in):
+        cand = tl.min(tl.where(sid >= cur, sid, V), 0)  # the next cached id in the tile
+        x = tl.where(col == cand, NEG_INF, x)
+        cur = cand + 1
+    return x
+
+
+@triton.jit
 def _lse_row(
-    s_row, pad, lo, hi, V, inv_t, s_scale, s_cap, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
-    S_CAP: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
+    s_row, pad, lo, hi, V, inv_t, s_scale, s_cap, sid, HAS_KD: tl.constexpr,
+    HAS_CE: tl.constexpr, S_CAP: tl.constexpr, ALIGN: tl.constexpr, KP: tl.constexpr,
+    BLOCK: tl.constexpr
 ):  # fmt: skip
-    """The forward's pass over a row: (max, sum) of x/T and of x, aligned part then edges."""
+    """The forward's pass over a row: (max, sum) of x/T over the columns outside K (sid: the
+    sorted cached ids) and of x over all, aligned part then edges. The cached columns are left
+    out rather than subtracted, so the tail mass outside K keeps its relative precision."""
     m_a = tl.full((), NEG_INF, tl.float32)
     s_a = tl.zeros((), tl.float32)
     m_c = tl.full((), NEG_INF, tl.float32)
@@ -83,11 +103,17 @@ def _lse_row(
     for start in range(lo, hi, BLOCK):
         c = start + tl.arange(0, BLOCK)
         x = _load_x(s_row, c, c < hi, s_scale, s_cap, S_CAP)
-        m_a, s_a, m_c, s_c = _lse_tile(m_a, s_a, m_c, s_c, x, inv_t, HAS_KD, HAS_CE)
+        xa = x
+        if HAS_KD:
+            xa = _outside_k(x, c - pad, sid, start - pad, start - pad + BLOCK, V)
+        m_a, s_a, m_c, s_c = _lse_tile(m_a, s_a, m_c, s_c, x, xa, inv_t, HAS_KD, HAS_CE)
     if ALIGN > 1:
         edge, in_row = _edge_cols(pad, lo, hi, V, ALIGN)
         x = _load_x(s_row, edge, in_row, s_scale, s_cap, S_CAP)
-        m_a, s_a, m_c, s_c = _lse_tile(m_a, s_a, m_c, s_c, x, inv_t, HAS_KD, HAS_CE)
+        xa = x
+        if HAS_KD:  # the edge columns: the row's first and last few
+            xa = _outside_k(x, edge - pad, sid, 0, V, V)
+        m_a, s_a, m_c, s_c = _lse_tile(m_a, s_a, m_c, s_c, x, xa, inv_t, HAS_KD, HAS_CE)
     return m_a, s_a, m_c, s_c
 
 
@@ -110,6 +136,25 @@ def _gather(
 
 
 @triton.jit
+def _sorted_ids(ids, valid, V):
+    """The cached ids in ascending order as int32, V in place of lanes past k and bad ids (no
+    column has it)."""
+    return tl.sort(tl.where(valid, ids, V).to(tl.int32))
+
+
+@triton.jit
+def _full_lse(l_out, x, temp, inv_t):
+    """From T lse(x/T) over the columns outside K (l_out) and the k gathered logits x: T lse(x/T)
+    over all columns, and q_raw = e^((l_out - that) / T), the student's mass outside K, with the
+    relative precision of l_out (no 1 - sum q_K)."""
+    m = tl.maximum(l_out, tl.max(x, 0))
+    ref = tl.where(m == NEG_INF, 0.0, m)
+    s_out = tl.exp((l_out - ref) * inv_t)
+    s_all = s_out + tl.sum(tl.exp((x - ref) * inv_t), 0)
+    return ref + temp * tl.log(s_all), s_out / s_all
+
+
+@triton.jit
 def _log1p(x):
     """log(1 + x) to a few ulp for x > -1 (Goldberg's log(u) x / (u - 1), u = 1 + x rounded):
     the log of a tail mass 1 - s stays accurate where s is small."""
@@ -127,20 +172,19 @@ def _lse_k(v, temp, inv_t):
 
 
 @triton.jit
-def _bins(x, lp, tla, temp, inv_t, TAIL: tl.constexpr):
+def _bins(x, lp, tla, q_raw, temp, inv_t, TAIL: tl.constexpr):
     """The bins of the tail mode (docs/design.md §11): the k bins' log-probabilities lP, lQ and
     the student's full-vocabulary probabilities q at the ids, and for the bucket's tail bin
-    lP_t, lQ_t, with s_q = sum q and q_eff = max(1 - s_q, TAIL_FLOOR) (its derivative taken
-    straight through the floor). tla: the stats' T lse(x/T)."""
+    lP_t, lQ_t = log q_eff, q_eff = max(q_raw, TAIL_FLOOR) (its derivative taken straight
+    through the floor). tla: T lse(x/T) over all columns (_full_lse)."""
     lq = (x - tla) * inv_t
     q = tl.exp(lq)
-    s_q = tl.sum(q, 0)
-    q_eff = tl.maximum(1.0 - s_q, TAIL_FLOOR)
+    q_eff = tl.maximum(q_raw, TAIL_FLOOR)
     if TAIL == BUCKET:
         lP = lp
         lQ = lq
         lP_t = _log1p(-tl.minimum(tl.sum(tl.exp(lp), 0), 1.0 - TAIL_FLOOR))
-        lQ_t = _log1p(-tl.minimum(s_q, 1.0 - TAIL_FLOOR))  # log q_eff
+        lQ_t = tl.log(q_eff)
     else:
         lP = lp - _lse_k(lp, 1.0, 1.0)
         if TAIL == RENORMALIZE:
@@ -151,7 +195,7 @@ def _bins(x, lp, tla, temp, inv_t, TAIL: tl.constexpr):
             lQ = lq
         lP_t = tl.zeros((), tl.float32)
         lQ_t = tl.zeros((), tl.float32)
-    return lP, lQ, q, s_q, q_eff, lP_t, lQ_t
+    return lP, lQ, q, q_eff, lP_t, lQ_t
 
 
 @triton.jit
@@ -234,19 +278,24 @@ def _sparse_fwd_kernel(
     base, pad, lo, hi = _row_span(row, stride_s, V, ALIGN)
     s_row = S + base
     loss = tl.zeros((), tl.float32)
-    tla = tl.zeros((), tl.float32)  # the stats' T lse(x/T): logit units
+    l_out = tl.zeros((), tl.float32)  # the stats' T lse(x/T) outside K: logit units
     lse_c = tl.zeros((), tl.float32)
     d = tl.zeros((), tl.float32)
     if w != 0.0:
-        m_a, s_a, m_c, s_c = _lse_row(
-            s_row, pad, lo, hi, V, inv_t, s_scale, s_cap, HAS_KD, HAS_CE, S_CAP, ALIGN, BLOCK
-        )
+        sid = tl.zeros((KP,), tl.int32)
         if HAS_KD:
-            tla = m_a + temp * tl.log(s_a)
-            _, _, x, lp, bad = _gather(
+            ids, valid, x, lp, bad = _gather(
                 s_row, ID, LP, row, stride_i, stride_l, pad, K, V, s_scale, s_cap, S_CAP, KP
             )
-            lP, lQ, _, _, _, lP_t, lQ_t = _bins(x, lp, tla, temp, inv_t, TAIL)
+            sid = _sorted_ids(ids, valid, V)
+        m_a, s_a, m_c, s_c = _lse_row(
+            s_row, pad, lo, hi, V, inv_t, s_scale, s_cap, sid, HAS_KD, HAS_CE, S_CAP, ALIGN,
+            KP, BLOCK,
+        )  # fmt: skip
+        if HAS_KD:
+            l_out = m_a + temp * tl.log(s_a)  # -inf when no column is outside K
+            tla, q_raw = _full_lse(l_out, x, temp, inv_t)
+            lP, lQ, _, _, lP_t, lQ_t = _bins(x, lp, tla, q_raw, temp, inv_t, TAIL)
             d_k, _ = _bin_terms(lP, lQ, mix, log_w1, log_w2, DIV)
             d = tl.sum(d_k, 0)
             if TAIL == BUCKET:
@@ -262,7 +311,7 @@ def _sparse_fwd_kernel(
             loss += ce_w * tl.where(valid, (m_c - xy) + tl.log(s_c), float("nan"))
         loss = w * loss
     tl.store(LOSS + row, loss)
-    tl.store(STATS + row * 3 + 0, tla)
+    tl.store(STATS + row * 3 + 0, l_out)
     tl.store(STATS + row * 3 + 1, lse_c)
     tl.store(STATS + row * 3 + 2, d)
 
@@ -326,8 +375,8 @@ def _sparse_bwd_kernel(
     g_row = G + _row_base(row, stride_g, pad, ALIGN)
     if w != 0.0:
         scale = w * tl.load(GL + row)
-        tla = tl.load(STATS + row * 3 + 0)
         lse_c = tl.load(STATS + row * 3 + 1)
+        tla = tl.zeros((), tl.float32)
         kd_scale = scale * kd_w * temp
         ce_scale = scale * ce_w
         label = y + pad
@@ -338,7 +387,8 @@ def _sparse_bwd_kernel(
             ids, valid, x, lp, bad = _gather(
                 s_row, ID, LP, row, stride_i, stride_l, pad, K, V, s_scale, s_cap, S_CAP, KP
             )
-            lP, lQ, q, s_q, q_eff, lP_t, lQ_t = _bins(x, lp, tla, temp, inv_t, TAIL)
+            tla, q_raw = _full_lse(tl.load(STATS + row * 3 + 0), x, temp, inv_t)
+            lP, lQ, q, q_eff, lP_t, lQ_t = _bins(x, lp, tla, q_raw, temp, inv_t, TAIL)
             _, g = _bin_terms(lP, lQ, mix, log_w1, log_w2, DIV)
             g_k = tl.sum(g, 0)
             # A row whose D is +inf (or beyond fp32) gets no KD gradient; a bad id: NaN.
@@ -354,7 +404,7 @@ def _sparse_bwd_kernel(
                 if TAIL == BUCKET:
                     _, g_t = _bin_terms(lP_t, lQ_t, mix, log_w1, log_w2, DIV)
                     g_t = tl.where(K < V, g_t, 0.0)  # k = V: no tail bin
-                    r += g_t * ((1.0 - s_q) / q_eff)
+                    r += g_t * (q_raw / q_eff)
                     a = g_t / q_eff - r
                 else:  # IGNORE: no tail bin
                     a = -r
@@ -472,7 +522,8 @@ def _check(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor) -> 
 
 
 def sparse_kd_loss_fwd(student, ids, logprobs, labels, weights, *args):
-    """Launcher of the forward: (loss [N] fp32, stats [N, 3] fp32). See docs/design.md §11."""
+    """Launcher of the forward: (loss [N] fp32, stats [N, 3] fp32 = T lse(x/T) over the columns
+    outside K, lse(x), D). See docs/design.md §11."""
     args = SparseKernelArgs(*args)
     _check(student, ids, logprobs)
     n = student.shape[0]
