@@ -111,8 +111,9 @@ def _lse_row(
         edge, in_row = _edge_cols(pad, lo, hi, V, ALIGN)
         x = _load_x(s_row, edge, in_row, s_scale, s_cap, S_CAP)
         xa = x
-        if HAS_KD:  # the edge columns: the row's first and last few
-            xa = _outside_k(x, edge - pad, sid, 0, V, V)
+        if HAS_KD:  # the edge columns: the row's first lo - pad and its last from hi - pad
+            xa = _outside_k(x, edge - pad, sid, 0, lo - pad, V)
+            xa = _outside_k(xa, edge - pad, sid, hi - pad, V, V)
         m_a, s_a, m_c, s_c = _lse_tile(m_a, s_a, m_c, s_c, x, xa, inv_t, HAS_KD, HAS_CE)
     return m_a, s_a, m_c, s_c
 

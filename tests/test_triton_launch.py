@@ -293,6 +293,26 @@ def test_sparse_row_layouts(tail, inplace, layout):
     sparse_check(student, ids, logprobs, labels, inplace=inplace, tail=TAILS.index(tail))
 
 
+@pytest.mark.parametrize(
+    "width, offset", [(1031, 0), (1037, 0), (1040, 1)], ids=["contiguous", "padded", "unaligned"]
+)
+def test_sparse_ids_at_row_edges(width, offset):
+    """Cached ids at the first and last columns of rows that start anywhere modulo 16 bytes
+    (the edge tile), across a 16-byte boundary and inside the aligned part, and a student whose
+    mass is nearly all in K at logits ~25: the forward must leave exactly the K columns out of
+    the tail's sum wherever they lie, or the tail mass and the loss are off."""
+    g = torch.Generator().manual_seed(5)
+    v = 1031
+    student = (torch.randn(4, width, generator=g) * 3)[:, offset : offset + v] + 20.0
+    edges = torch.tensor([0, 1, 2, 3, 5, 7, 8, v - 1, v - 2, v - 3, v - 5, v - 8, 512, 513])
+    ids = torch.stack([edges[torch.randperm(len(edges), generator=g)] for _ in range(4)])
+    student.scatter_add_(1, ids, torch.full(ids.shape, 8.0))
+    logprobs = torch.log_softmax(torch.randn(4, len(edges), generator=g), -1) - 0.01
+    labels = torch.randint(0, v, (4,), generator=g)
+    for tail in range(len(TAILS)):
+        sparse_check(student, ids, logprobs, labels, temperature=1.0, tail=tail)
+
+
 def test_sparse_out_of_range_ids_are_never_read():
     """An id outside [0, V) (no host check on a GPU) makes its row's loss and gradient NaN
     without being dereferenced (an id of 2^40 would fault); the other rows are untouched."""
