@@ -39,12 +39,9 @@ def loss_and_grad(student, ids, logprobs, labels, *, dtype=None, grad_out=None, 
     return loss.detach(), s.grad
 
 
-def check_backend(
-    backend, student, ids, logprobs, labels, *, dtype=torch.float32, grad_atol=0.0, **kw
-):
+def check_backend(backend, student, ids, logprobs, labels, *, dtype=torch.float32, **kw):
     """Backend at ``dtype`` vs fp64 truth, allowing what the reference itself loses at
-    ``dtype`` (the cached log-probabilities are given in fp32, as the kernels take them), and
-    ``grad_atol`` more on the gradient."""
+    ``dtype`` (the cached log-probabilities are given in fp32, as the kernels take them)."""
     dev = device_for(backend)
     lp32 = logprobs.float()
 
@@ -62,7 +59,6 @@ def check_backend(
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     tol = tolerance(backend, dtype, student.shape[-1], **kw)
     assert_close(loss, t_loss, None if baseline is None else baseline[0], name="loss", **tol)
-    tol["atol"] += grad_atol
     assert_close(grad, t_grad, None if baseline is None else baseline[1], name="grad", **tol)
     return loss, grad
 
@@ -229,30 +225,14 @@ def test_no_labels_softcap_and_scale(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 def test_student_with_almost_all_mass_in_k(backend, divergence):
-    """The student's tail below TAIL_FLOOR: the floor holds, the loss stays finite.
-
-    The gradient of the cached columns carries q_raw / q_eff (the floor is straight through).
-    The cpu kernels get q_raw to a relative ~1e-7 (their stats hold the log-sum-exp outside
-    K); the Triton kernels rebuild it from the fp32 T lse(x / T) of all columns, which knows
-    q_raw only to about (k + |lse(x / T)|) 2^-24 absolute (docs/design.md §11): allowed for."""
-    temperature, kd_weight = 2.0, 0.5
-    student, ids, logprobs, labels, _ = make_inputs(4, 30, 6, seed=6, temperature=temperature)
+    """The student's tail below TAIL_FLOOR: the floor holds, the loss stays finite, and the
+    gradient of the cached columns, which carries q_raw / q_eff (the floor is straight
+    through), keeps the tight tolerance: the kernels' stats keep q_raw relatively accurate
+    (docs/design.md §11)."""
+    student, ids, logprobs, labels, _ = make_inputs(4, 30, 6, seed=6)
     student.scatter_(1, ids, 30.0)
-    extra = 0.0
-    if backend == "triton":
-        lse = torch.logsumexp(student / temperature, 1).abs().max().item()
-        p_tail = (1 - logprobs.exp().sum(1)).max().item()
-        extra = kd_weight * temperature * (ids.shape[1] + lse) * 2**-24 / TAIL_FLOOR * p_tail
     loss, grad = check_backend(
-        backend,
-        student,
-        ids,
-        logprobs,
-        labels,
-        divergence=divergence,
-        reduction="none",
-        temperature=temperature,
-        grad_atol=extra,
+        backend, student, ids, logprobs, labels, divergence=divergence, reduction="none"
     )
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
