@@ -367,17 +367,19 @@ def no_models(monkeypatch):
         ({"--temperature": "1"}, "temperature=1, but the teacher cache holds log-probabilities"),
         ({"--feature_weight": "1"}, "feature_weight=1.0: a teacher cache holds no hidden states"),
         ({"--self_distillation": "ema"}, "self_distillation='ema' makes its own teacher"),
+        ({"--tokenizer": None}, "no tokenizer: the student directory holds none; pass --tokenizer"),
     ],
 )
 def test_bad_runs_fail_before_any_model_loads(ws, tmp_path, capsys, no_models, change, message):
     out = tmp_path / "out"
     argv = cache_argv(ws, out)
     for flag, value in change.items():
-        value = value.format(root=ws)
-        if flag in argv:
-            argv[argv.index(flag) + 1] = value
+        if value is None:  # drop the flag
+            del argv[argv.index(flag) : argv.index(flag) + 2]
+        elif flag in argv:
+            argv[argv.index(flag) + 1] = value.format(root=ws)
         else:
-            argv += [flag, value]
+            argv += [flag, value.format(root=ws)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the tokenizing progress
     assert err.startswith("fastkd distill: error: ") and message.format(root=ws) in err, err
@@ -405,3 +407,51 @@ def test_distill_from_a_cache_end_to_end(ws, tmp_path, monkeypatch):
     assert evaluate(model, held, batch_size=2) == pytest.approx(metrics, rel=1e-6)
     saved = DistillConfig.from_file(out / "fastkd_distill_config.json")
     assert (saved.tail, saved.alpha, saved.temperature) == ("renormalize", 0.2, 2.0)
+
+
+# ---------------------------------------------------------------- the study (issue 12, item 4)
+
+
+@pytest.mark.slow
+def test_teacher_cache_study_at_toy_size(tmp_path):
+    """``fastkd.bench.teacher_cache_study`` end to end at toy size: a report row for every
+    cache and tail mode, the online teacher and the baseline, and every measured number."""
+    from fastkd.bench.teacher_cache_study import markdown, run_study
+    from fastkd.training.demo import DemoSettings
+
+    tiny = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    settings = DemoSettings(
+        corpus_bytes=12_000,
+        vocab_size=300,
+        block_size=16,
+        batch_size=4,
+        teacher_steps=3,
+        student_steps=3,
+        teacher_learning_rate=3e-3,
+        student_learning_rate=3e-3,
+        teacher={**tiny, "hidden_size": 32},
+        student=tiny,
+        eval_fraction=0.2,
+    )
+    report = json.loads(json.dumps(run_study(tmp_path, settings, top_ks=(1, 8, 64))))
+    names = [r["name"] for r in report["students"]]
+    expected = [f"cache k={k} {t}" for k in (1, 8, 64) for t in TAILS]
+    assert names == [*expected, "online dense KD", "hard labels"]
+    for row in report["students"]:
+        assert math.isfinite(row["perplexity"]) and row["median_step_s"] > 0, row
+    assert set(report["caches"]) == {"1", "8", "64"}
+    for k, cache in report["caches"].items():
+        assert cache["tokens_per_s"] > 0 and cache["id_dtype"] == "uint16"  # V = 300
+        assert cache["bytes_per_token_payload"] == 4 + int(k) * (2 + 2)  # bf16 values
+        assert cache["bytes_per_token_on_disk"] > cache["bytes_per_token_payload"]  # headers
+    memory = report["peak_memory_mb"]
+    assert memory["cache_k64"] > 0 and memory["online_teacher"] > 0
+    assert report["versions"]["torch"] == torch.__version__
+    table = markdown(report)
+    assert all(name in table for name in names)

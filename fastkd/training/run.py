@@ -153,6 +153,11 @@ def run_tokenizers(run: RunArguments, records: list[dict[str, str]]):
     candidates = [d for d in (run.tokenizer, *student_dir, *run.teacher) if d is not None]
     owners = [d for d in candidates if has_tokenizer(d)]
     if not owners:
+        if run.teacher_cache is not None:  # a cache holds no tokenizer, only its fingerprint
+            raise ValueError(
+                "no tokenizer: the student directory holds none; pass --tokenizer, the one the "
+                "teacher cache was built with (the teacher's, unless cache-teacher had one)"
+            )
         raise ValueError(
             "no tokenizer: neither the student nor a teacher directory holds one; pass --tokenizer"
         )
