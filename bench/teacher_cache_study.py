@@ -38,7 +38,7 @@ from fastkd.training.data import (
     stdlib_corpus,
     train_tokenizer,
 )
-from fastkd.training.demo import QUICK, DemoSettings, _llama
+from fastkd.training.demo import DEFAULT, QUICK, DemoSettings, _llama
 from fastkd.training.distiller import Distiller
 from fastkd.training.evaluate import evaluate
 from fastkd.training.run import training_arguments
@@ -316,12 +316,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, metavar="FILE", help="JSON report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--settings",
+        choices=("quick", "default"),
+        default="quick",
+        help="the demo's sizes and budgets: those of `fastkd demo --quick` (default) or of "
+        "`fastkd demo`",
+    )
+    parser.add_argument(
+        "--student-steps", type=int, default=None, help="steps of every student (default: the "
+        "settings')",
+    )  # fmt: skip
+    parser.add_argument(
         "--work", metavar="DIR", help="keep the data, teacher and caches here (default: a "
         "temporary directory, deleted)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastkd-cache-study-") as scratch:
-        report = run_study(Path(args.work or scratch), seed=args.seed)
+        settings = QUICK if args.settings == "quick" else DEFAULT
+        if args.student_steps is not None:
+            settings = dataclasses.replace(settings, student_steps=args.student_steps)
+        report = run_study(Path(args.work or scratch), settings, seed=args.seed)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"\nwrote {args.out} ({report['seconds']:.0f} s)")

@@ -280,6 +280,10 @@ class LossOptions:
         )
 
 
+# Each option's default (read here once: torch.compile cannot trace dataclasses.fields).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossOptions)}
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseLossOptions(LossOptions):
     """The options of the sparse losses (a cached top-k teacher: ``fastkd.sparse_kd_loss``):
@@ -309,9 +313,8 @@ class SparseLossOptions(LossOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("tail", self.tail, TAILS)
-        defaults = {f.name: f.default for f in dataclasses.fields(LossOptions)}
         for name in self.NOT_TAKEN:
-            if getattr(self, name) != defaults[name]:
+            if getattr(self, name) != _DEFAULTS[name]:
                 raise ValueError(
                     f"{name} does not apply to a cached teacher: its log-probabilities are "
                     "final (made at the cache's temperature by fastkd cache-teacher)"

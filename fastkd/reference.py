@@ -110,6 +110,32 @@ def divergence(lp: torch.Tensor, lq: torch.Tensor, kind: str, mix: float) -> tor
     raise ValueError(f"unknown divergence {kind!r}")
 
 
+def _counted_rows(student, labels, token_weights, args: KernelArgs | SparseKernelArgs):
+    """Each row's weight (0 where its label is ``ignore_index``) in the compute dtype, whether
+    it counts, and the transformed student logits with the rows that do not count zeroed
+    first: whatever they hold must not reach the sums."""
+    ct = compute_dtype(student.dtype)
+    weight = torch.ones(student.shape[0], dtype=ct, device=student.device)
+    if token_weights is not None:
+        weight = weight * token_weights.to(ct)
+    if labels is not None:
+        weight = torch.where(labels == args.ignore_index, 0.0, weight)
+    live = weight != 0
+    xs = transform_logits(
+        torch.where(live[:, None], student.to(ct), 0.0), args.student_scale, args.student_softcap
+    )
+    return weight, live, xs
+
+
+def _ce_term(xs, labels, live, args: KernelArgs | SparseKernelArgs):
+    """ce_weight * CE of each row (0 without labels or a CE weight) and lse(x) per row."""
+    lc, lse_c = _log_softmax(xs, 1.0)
+    if not args.ce_weight or labels is None:
+        return torch.zeros_like(lse_c), lse_c
+    target = torch.where(live, labels, 0).long()
+    return -args.ce_weight * lc.gather(1, target[:, None]).squeeze(1), lse_c
+
+
 def loss_and_lses(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -125,16 +151,7 @@ def loss_and_lses(
     """
     ct = compute_dtype(student.dtype)
     n = student.shape[0]
-    weight = torch.ones(n, dtype=ct, device=student.device)
-    if token_weights is not None:
-        weight = weight * token_weights.to(ct)
-    if labels is not None:
-        weight = torch.where(labels == args.ignore_index, 0.0, weight)
-    live = weight != 0
-    # Rows that do not count are zeroed first: whatever they hold must not reach the sums.
-    xs = transform_logits(
-        torch.where(live[:, None], student.to(ct), 0.0), args.student_scale, args.student_softcap
-    )
+    weight, live, xs = _counted_rows(student, labels, token_weights, args)
     total = torch.zeros(n, dtype=ct, device=student.device)
     lse_a = lse_b = torch.zeros(n, dtype=ct, device=student.device)
     if args.kd_weight:
@@ -154,10 +171,8 @@ def loss_and_lses(
         d = torch.where(torch.isinf(d), d.detach(), d)
         # T^2 D first: kd_weight T^2 can underflow in fp32 (a subnormal kd_weight), times inf.
         total = total + args.kd_weight * (t * t * d)
-    lc, lse_c = _log_softmax(xs, 1.0)
-    if args.ce_weight and labels is not None:
-        target = torch.where(live, labels, 0).long()
-        total = total - args.ce_weight * lc.gather(1, target[:, None]).squeeze(1)
+    ce, lse_c = _ce_term(xs, labels, live, args)
+    total = total + ce
     lses = torch.stack([lse_a, lse_b, lse_c], 1)
     return torch.where(live, weight * total, 0.0), torch.where(live[:, None], lses, 0.0)
 
@@ -282,15 +297,7 @@ def sparse_loss_and_stats(
     dtype; 0 for rows that do not count, whose inputs are not read."""
     ct = compute_dtype(student.dtype)
     n, vocab = student.shape
-    weight = torch.ones(n, dtype=ct, device=student.device)
-    if token_weights is not None:
-        weight = weight * token_weights.to(ct)
-    if labels is not None:
-        weight = torch.where(labels == args.ignore_index, 0.0, weight)
-    live = weight != 0
-    xs = transform_logits(
-        torch.where(live[:, None], student.to(ct), 0.0), args.student_scale, args.student_softcap
-    )
+    weight, live, xs = _counted_rows(student, labels, token_weights, args)
     total = torch.zeros(n, dtype=ct, device=student.device)
     lse_a = d = torch.zeros(n, dtype=ct, device=student.device)
     if args.kd_weight:
@@ -302,10 +309,8 @@ def sparse_loss_and_stats(
         d = divergence(lp, lq, DIVERGENCES[args.divergence], args.mix)
         d = torch.where(torch.isinf(d), d.detach(), d)  # +inf: no KD gradient, as dense
         total = total + args.kd_weight * (t * t * d)
-    lc, lse_c = _log_softmax(xs, 1.0)
-    if args.ce_weight and labels is not None:
-        target = torch.where(live, labels, 0).long()
-        total = total - args.ce_weight * lc.gather(1, target[:, None]).squeeze(1)
+    ce, lse_c = _ce_term(xs, labels, live, args)
+    total = total + ce
     stats = torch.stack([lse_a, lse_c, d.detach()], 1)
     return torch.where(live, weight * total, 0.0), torch.where(live[:, None], stats, 0.0)
 
