@@ -208,15 +208,7 @@ def kd_loss_fwd(
     """The op contract's forward (docs/design.md §2), chunked over rows: loss [N] and stats
     [N, 4] in the compute dtype. stats[:, 3] (G) is 0: only a backend's own backward reads G,
     and this one's backward is autograd."""
-    ct = compute_dtype(student.dtype)
-    loss = student.new_empty(student.shape[0], dtype=ct)
-    stats = student.new_zeros((student.shape[0], 4), dtype=ct)
-    with torch.no_grad():
-        for rows in _row_chunks(student.shape[0], student.shape[1]):
-            loss[rows], stats[rows, :3] = loss_and_lses(
-                student[rows], teacher[rows], _part(labels, rows), _part(weights, rows), args
-            )
-    return loss, stats
+    return _chunked_fwd(loss_and_lses, 4, student, (teacher,), labels, weights, args)
 
 
 def kd_loss_bwd(
@@ -230,15 +222,39 @@ def kd_loss_bwd(
     grad: torch.Tensor,
 ) -> None:
     """The op contract's backward: recompute each chunk of rows and write its gradient into
-    ``grad`` (which may be ``student``: a chunk is read before it is written). ``torch.func.vjp``
-    rather than ``torch.autograd.grad``, so that torch.compile traces it (and a term that does
-    not depend on the student, both weights 0, gives a zero gradient). A student -inf logit gets
-    no gradient."""
+    ``grad`` (which may be ``student``: a chunk is read before it is written)."""
+    _chunked_bwd(kd_loss_rows, student, (teacher,), labels, weights, grad_loss, args, grad)
+
+
+def _chunked_fwd(loss_and_stats, width: int, student, teacher: tuple, labels, weights, args):
+    """loss [N] and stats [N, ``width``] (zero beyond what ``loss_and_stats`` returns) of a
+    forward computed a chunk of rows at a time, in the compute dtype."""
+    ct = compute_dtype(student.dtype)
+    loss = student.new_empty(student.shape[0], dtype=ct)
+    stats = student.new_zeros((student.shape[0], width), dtype=ct)
+    with torch.no_grad():
+        for rows in _row_chunks(student.shape[0], student.shape[1]):
+            loss[rows], part = loss_and_stats(
+                student[rows],
+                *(t[rows] for t in teacher),
+                _part(labels, rows),
+                _part(weights, rows),
+                args,
+            )
+            stats[rows, : part.shape[1]] = part
+    return loss, stats
+
+
+def _chunked_bwd(loss_rows, student, teacher: tuple, labels, weights, grad_loss, args, grad):
+    """Each chunk of rows recomputed through ``torch.func.vjp`` (which torch.compile traces,
+    unlike ``torch.autograd.grad``; a term that does not depend on the student, both weights
+    0, gives a zero gradient) and its gradient written into ``grad``, which may be
+    ``student``. A student -inf logit gets no gradient."""
     for rows in _row_chunks(student.shape[0], student.shape[1]):
         s = student[rows]
         loss, vjp = torch.func.vjp(
-            lambda x, rows=rows: kd_loss_rows(
-                x, teacher[rows], _part(labels, rows), _part(weights, rows), args
+            lambda x, rows=rows: loss_rows(
+                x, *(t[rows] for t in teacher), _part(labels, rows), _part(weights, rows), args
             ),
             s,
         )
@@ -338,20 +354,8 @@ def sparse_kd_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sparse op contract's forward (docs/design.md §11), chunked over rows: loss [N] and
     stats [N, 3] in the compute dtype."""
-    ct = compute_dtype(student.dtype)
-    loss = student.new_empty(student.shape[0], dtype=ct)
-    stats = student.new_zeros((student.shape[0], 3), dtype=ct)
-    with torch.no_grad():
-        for rows in _row_chunks(student.shape[0], student.shape[1]):
-            loss[rows], stats[rows] = sparse_loss_and_stats(
-                student[rows],
-                ids[rows],
-                logprobs[rows],
-                _part(labels, rows),
-                _part(weights, rows),
-                args,
-            )
-    return loss, stats
+    teacher = (ids, logprobs)
+    return _chunked_fwd(sparse_loss_and_stats, 3, student, teacher, labels, weights, args)
 
 
 def sparse_kd_loss_bwd(
@@ -365,15 +369,6 @@ def sparse_kd_loss_bwd(
     args: SparseKernelArgs,
     grad: torch.Tensor,
 ) -> None:
-    """The sparse op contract's backward, as ``kd_loss_bwd``: each chunk recomputed through
-    ``torch.func.vjp``; ``grad`` may be ``student``."""
-    for rows in _row_chunks(student.shape[0], student.shape[1]):
-        s = student[rows]
-        loss, vjp = torch.func.vjp(
-            lambda x, rows=rows: sparse_loss_rows(
-                x, ids[rows], logprobs[rows], _part(labels, rows), _part(weights, rows), args
-            ),
-            s,
-        )
-        (g,) = vjp(grad_loss[rows].to(loss.dtype))
-        grad[rows] = g.masked_fill(s == -math.inf, 0.0)
+    """The sparse op contract's backward, as ``kd_loss_bwd``; ``grad`` may be ``student``."""
+    teacher = (ids, logprobs)
+    _chunked_bwd(sparse_loss_rows, student, teacher, labels, weights, grad_loss, args, grad)
