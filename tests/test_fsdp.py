@@ -133,6 +133,9 @@ def worker(rank: int, store: str, out: str) -> None:
             results[layout]["errors"] = misuse(distiller)
         if rank == 0:
             torch.save(results, out)
+        # Gloo's barrier waits for every pending collective: no rank tears its process group
+        # down while the other still talks to it (which can abort the first with SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
