@@ -1,5 +1,5 @@
-"""Command line: ``fastkd demo | distill | cache-teacher | eval | bench | check-gpu`` (also
-``python -m fastkd ...``).
+"""Command line: ``fastkd demo | distill | cache-teacher | generate | prune | eval | bench |
+check-gpu`` (also ``python -m fastkd ...``).
 
 The top-level parser only names the commands, so ``fastkd --help`` imports neither torch nor
 transformers; a command's parser is built when that command is chosen. ``distill`` parses with
@@ -19,6 +19,8 @@ COMMANDS = {
     "demo": "train a tiny teacher, distil a student, compare",
     "distill": "distil teacher model(s) into a student",
     "cache-teacher": "run a teacher over the data once, cache its top-k log-probabilities",
+    "generate": "sample a teacher's responses to prompts as training records",
+    "prune": "make a smaller student from a teacher: drop layers, heads, channels (Minitron)",
     "eval": "perplexity and next-token accuracy of a model",
     "bench": "benchmark the losses against eager, compile, peers",
     "check-gpu": "on a CUDA machine: build, correctness suite, memcheck, benchmark (< 25 min)",
@@ -226,6 +228,101 @@ def _cache_teacher(argv: list[str]) -> None:
     )
 
 
+def generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastkd generate",
+        description=COMMANDS["generate"] + " (sequence-level KD; with --rationale-template, "
+        "rationale distillation). Rerun with the same arguments to resume: complete records are "
+        "kept, a line cut short by a kill is dropped.",
+        epilog='Writes --out as JSON lines {"prompt", "response", "sample"} (prompt '
+        "order, the K samples of a prompt together; `fastkd distill --data OUT` trains on the "
+        "responses) and OUT.meta.json (the settings; a rerun with others is an error). Sample "
+        "(i, j) depends only on the settings, --batch-size included, not on resumption.",
+    )
+    parser.add_argument("--teacher", required=True, metavar="DIR", help="teacher model directory")
+    parser.add_argument(
+        "--prompts", required=True, metavar="FILE", help='.jsonl with a "prompt" per line'
+    )
+    parser.add_argument("--out", required=True, metavar="FILE", help="output .jsonl")
+    parser.add_argument(
+        "--max-new-tokens",
+        "--max_new_tokens",
+        type=int,
+        default=128,
+        metavar="N",
+        help="most tokens per response (default 128)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default 1)",
+    )
+    parser.add_argument(
+        "--top-p",
+        "--top_p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="nucleus sampling mass; 1 = off (default 1)",
+    )
+    parser.add_argument(
+        "--num-return-sequences",
+        "--num_return_sequences",
+        type=int,
+        default=1,
+        metavar="K",
+        help="samples per prompt (default 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    parser.add_argument(
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=8,
+        metavar="B",
+        help="prompts per generate call (default 8)",
+    )
+    parser.add_argument(
+        "--rationale-template",
+        "--rationale_template",
+        metavar="STR_OR_@FILE",
+        help="what the teacher is shown instead of the bare prompt: a str.format template with "
+        "a {prompt} field, or @path of a UTF-8 file holding one; records keep the bare prompt",
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer directory (default: the teacher's)"
+    )
+    return parser
+
+
+def _generate(argv: list[str]) -> None:
+    args = generate_parser().parse_args(argv)
+    template = args.rationale_template
+    if template is not None and template.startswith("@"):
+        path = Path(template[1:])
+        if not path.is_file():
+            raise FileNotFoundError(f"--rationale-template {template}: no such file")
+        template = path.read_text(encoding="utf-8")
+    from fastkd.training.generate import generate
+
+    count = generate(
+        args.teacher,
+        args.prompts,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_return_sequences=args.num_return_sequences,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        rationale_template=template,
+        tokenizer=args.tokenizer,
+    )
+    print(f"{count} records in {args.out}")
+
+
 def bench_parser() -> argparse.ArgumentParser:
     from fastkd.bench.run import add_arguments
 
@@ -252,6 +349,104 @@ def _check_gpu(argv: list[str]) -> int:
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def _layer_list(text: str) -> list[int]:
+    """``"1,3"`` -> ``[1, 3]``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 1,3, got {text!r}"
+        ) from None
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastkd prune",
+        description=COMMANDS["prune"] + ". Depth: drop the layers of lowest block influence "
+        "(1 - cos of a layer's input and output hidden states on the calibration text), or the "
+        "given ones. Width: keep the MLP channels, attention heads and embedding channels of "
+        "highest activation on the calibration text; a GQA model keeps every KV head and "
+        "--heads / num_key_value_heads query heads of each, an MHA model drops whole heads. "
+        "Then train it with `fastkd distill --student OUT`.",
+        epilog="Writes --out (absent or empty; written under a temporary name beside it and "
+        "renamed, so never half-written): the model (safetensors) with the teacher's tokenizer, "
+        "and prune_report.json (kept and dropped layers, importance scores, shapes and "
+        "calibration perplexity before and after).",
+    )
+    parser.add_argument("--teacher", required=True, metavar="DIR", help="teacher model directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="student directory to write")
+    parser.add_argument(
+        "--calibration", required=True, metavar="PATH", help=".txt/.jsonl or a directory"
+    )
+    depth = parser.add_mutually_exclusive_group()
+    depth.add_argument("--layers", type=int, metavar="L", help="layers to keep")
+    depth.add_argument(
+        "--drop-layers",
+        "--drop_layers",
+        type=_layer_list,
+        metavar="I,J",
+        help="0-based indices of the layers to drop",
+    )
+    parser.add_argument("--hidden", type=int, metavar="H", help="hidden size to keep")
+    parser.add_argument(
+        "--intermediate", type=int, metavar="I", help="MLP intermediate size to keep"
+    )
+    parser.add_argument("--heads", type=int, metavar="A", help="attention heads per layer to keep")
+    parser.add_argument(
+        "--block-size",
+        "--block_size",
+        type=int,
+        default=128,
+        metavar="N",
+        help="tokens per calibration block (default 128)",
+    )
+    parser.add_argument(
+        "--max-blocks",
+        "--max_blocks",
+        type=int,
+        default=64,
+        metavar="M",
+        help="calibration blocks used, the first ones (default 64)",
+    )
+    parser.add_argument(
+        "--batch-size", "--batch_size", type=int, default=8, help="blocks per forward (default 8)"
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer directory (default: the teacher's)"
+    )
+    return parser
+
+
+def _prune(argv: list[str]) -> None:
+    args = prune_parser().parse_args(argv)
+    from fastkd.training.prune import prune
+
+    report = prune(
+        args.teacher,
+        args.out,
+        calibration=args.calibration,
+        layers=args.layers if args.drop_layers is None else args.drop_layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        block_size=args.block_size,
+        max_blocks=args.max_blocks,
+        batch_size=args.batch_size,
+        tokenizer=args.tokenizer,
+    )
+    summary = {
+        "out": args.out,
+        "shape": report["shape"],
+        "parameters": report["parameters"],
+        "dropped_layers": report["layers"]["dropped"],
+        "calibration_perplexity": {
+            "teacher": report["calibration"]["perplexity_before"],
+            "pruned": report["calibration"]["perplexity_after"],
+        },
+    }
+    print(json.dumps(summary, indent=2))
 
 
 # --- distill -------------------------------------------------------------------------------
@@ -471,6 +666,8 @@ _HANDLERS = {
     "demo": _demo,
     "distill": _distill,
     "cache-teacher": _cache_teacher,
+    "generate": _generate,
+    "prune": _prune,
     "eval": _eval,
     "bench": _bench,
     "check-gpu": _check_gpu,

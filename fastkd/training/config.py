@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,23 @@ class DistillConfig:
             "teacher's renormalized, the student's not (see fastkd.sparse_kd_loss)"
         ),
     )
+    rationale_weight: float = field(
+        default=1.0,
+        metadata=_help(
+            "loss weight of a response's tokens before its first answer_marker (the rationale "
+            "of fastkd generate --rationale-template records); 1 with answer_weight 1 = off"
+        ),
+    )
+    answer_weight: float = field(
+        default=1.0,
+        metadata=_help(
+            "loss weight of a response's tokens from answer_marker on (all of a response "
+            "without it); text records weigh 1"
+        ),
+    )
+    answer_marker: str = field(
+        default="Answer:", metadata=_help("text that starts the answer span of a response")
+    )
     feature_weight: float = field(
         default=0.0, metadata=_help("weight of the hidden-state loss (0 = off)")
     )
@@ -96,11 +114,12 @@ class DistillConfig:
         default=None,
         metadata=_help("one weight per teacher, in teacher order (normalized; default equal)"),
     )
-    multi_teacher: Literal["logits", "losses"] = field(
+    multi_teacher: Literal["logits", "mixture", "losses"] = field(
         default="logits",
         metadata=_help(
-            "logits: distil from the weighted mean of the teachers' logits; losses: weighted "
-            "sum of one KD loss per teacher"
+            "logits: distil from the weighted mean of the teachers' logits; mixture: from the "
+            "weighted mean of their probabilities at T, sum_k w_k softmax(z_k / T); losses: "
+            "weighted sum of one KD loss per teacher"
         ),
     )
     self_distillation: Literal["frozen", "ema"] | None = field(
@@ -110,6 +129,35 @@ class DistillConfig:
         ),
     )
     ema_decay: float = field(default=0.999, metadata=_help("decay of self_distillation=ema"))
+    on_policy_fraction: float = field(
+        default=0.0,
+        metadata=_help(
+            "on-policy KD: share of the training batches whose continuations the student "
+            "generates from the batch's first prompt_tokens; the KD term alone trains on them "
+            "(CE dropped: the student's samples are no ground truth)"
+        ),
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata=_help(
+            "sequence-level KD: the teacher (the first) generates those continuations instead; "
+            "they keep the CE term (the teacher's tokens are targets)"
+        ),
+    )
+    prompt_tokens: int | None = field(
+        default=None,
+        metadata=_help("tokens of each block kept as the prompt (default: half the block)"),
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata=_help("tokens generated per prompt (default: block size - prompt_tokens)"),
+    )
+    generation_temperature: float = field(
+        default=1.0, metadata=_help("sampling temperature of the generation (0 = greedy)")
+    )
+    generation_top_p: float = field(
+        default=1.0, metadata=_help("nucleus (top-p) sampling of the generation (1 = off)")
+    )
     seed: int = field(default=0, metadata=_help("random seed of the run"))
 
     def __post_init__(self) -> None:
@@ -134,9 +182,10 @@ class DistillConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         _choice("tail", self.tail, TAILS)
+        _check_span_weights(self)
         _choice("feature_loss", self.feature_loss, ("mse", "cosine"))
         _choice("attention_loss", self.attention_loss, ("kl", "mse"))
-        _choice("multi_teacher", self.multi_teacher, ("logits", "losses"))
+        _choice("multi_teacher", self.multi_teacher, ("logits", "mixture", "losses"))
         _choice("self_distillation", self.self_distillation, (None, "frozen", "ema"))
         for name in ("feature_layers", "attention_layers"):
             value = getattr(self, name)
@@ -162,6 +211,7 @@ class DistillConfig:
                 )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check_generation(self)
 
     @classmethod
     def from_file(cls, path: str | Path) -> DistillConfig:
@@ -315,6 +365,36 @@ def load_settings(path: str | Path) -> dict:
     return data
 
 
+def _check_generation(config: DistillConfig) -> None:
+    """The on-policy / sequence-level KD settings (docs/design.md §10)."""
+    for name in ("on_policy_fraction", "generation_temperature", "generation_top_p"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= config.on_policy_fraction <= 1.0:
+        raise ValueError(f"on_policy_fraction must be in [0, 1], got {config.on_policy_fraction}")
+    if not config.generation_temperature >= 0.0:
+        raise ValueError(
+            f"generation_temperature must be >= 0 (0 = greedy), got {config.generation_temperature}"
+        )
+    if not 0.0 < config.generation_top_p <= 1.0:
+        raise ValueError(f"generation_top_p must be in (0, 1], got {config.generation_top_p}")
+    for name in ("prompt_tokens", "max_new_tokens"):
+        value = getattr(config, name)
+        if value is not None and not _is_int(value, 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+    if config.seq_kd and config.on_policy_fraction == 0:
+        raise ValueError(
+            "seq_kd=True makes the teacher generate the on_policy_fraction share of the "
+            "batches, which is 0: set on_policy_fraction > 0 (1 for sequence-level KD alone)"
+        )
+    if config.on_policy_fraction > 0 and not config.seq_kd and config.alpha == 1:
+        raise ValueError(
+            f"on_policy_fraction={config.on_policy_fraction:g} with alpha=1: the student's "
+            "samples train with the KD term alone, whose weight 1 - alpha is 0; lower alpha"
+        )
+
+
 def _is_int(value, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -322,3 +402,16 @@ def _is_int(value, low: int) -> bool:
 def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_span_weights(config: DistillConfig) -> None:
+    """The rationale/answer span weights (docs/design.md §10)."""
+    weights = {name: getattr(config, name) for name in ("rationale_weight", "answer_weight")}
+    for name, value in weights.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and 0 <= value < math.inf):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not any(weights.values()):
+        raise ValueError("rationale_weight and answer_weight are both 0: no response token counts")
+    if not isinstance(config.answer_marker, str) or not config.answer_marker:
+        raise ValueError(f"answer_marker must be a non-empty string, got {config.answer_marker!r}")

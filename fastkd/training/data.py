@@ -17,6 +17,7 @@ import os
 import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -39,6 +40,17 @@ _TOKENIZER_FILES = (
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 
 Record = dict[str, str]
+
+
+class SpanWeights(NamedTuple):
+    """Loss weights of the two spans of a response (rationale distillation, docs/design.md
+    §10): the tokens before the first ``marker`` in the response text weigh ``rationale``;
+    a token that overlaps the marker or follows it, and the record's eos, weigh ``answer``.
+    A response without the marker is all answer."""
+
+    rationale: float = 1.0
+    answer: float = 1.0
+    marker: str = "Answer:"
 
 
 def _check_record(obj: object, where: str) -> Record:
@@ -228,9 +240,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
+def _span_weights(response: str, offsets: list[tuple[int, int]], spans: SpanWeights) -> list[float]:
+    """``spans``' weight of each response token (its character ``offsets``), and of the eos
+    after it."""
+    at = response.find(spans.marker)
+    if at < 0:
+        return [spans.answer] * (len(offsets) + 1)
+    return [spans.answer if end > at else spans.rationale for _, end in offsets] + [spans.answer]
+
+
 def pack(
-    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    span_weights: SpanWeights | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Tokenize records, join them with eos into one stream and cut it into blocks.
 
     Text records: every token is a target. Prompt/response records: prompt tokens get label
@@ -244,30 +268,46 @@ def pack(
         records: ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` dicts.
         tokenizer: a tokenizer with an eos token.
         block_size: tokens per block, at least 2.
+        span_weights: also return per-token loss weights: a response's tokens weigh as
+            ``SpanWeights`` says, a text record's 1, a prompt's 0 (not targets). The spans
+            are found with the fast tokenizer's offset mapping, so ``input_ids`` and
+            ``labels`` are those of a call without weights.
 
     Returns:
         ``(input_ids, labels)``, both int64 ``[num_blocks, block_size]``; labels are in the
-        same positions as input_ids (the model shifts), -100 where not a target.
+        same positions as input_ids (the model shifts), -100 where not a target. With
+        ``span_weights``, ``(input_ids, labels, token_weights)``, the weights float32 in the
+        same positions as the labels.
 
     Raises:
-        ValueError: bad records, no eos token, ``block_size < 2``, or fewer tokens than one
-            block.
+        ValueError: bad records, no eos token, ``block_size < 2``, fewer tokens than one
+            block, or ``span_weights`` with a slow tokenizer (no offset mapping).
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token; packing needs one")
+    if span_weights is not None and not tokenizer.is_fast:
+        raise ValueError(
+            f"span_weights need a fast tokenizer (its offset mapping finds the spans); "
+            f"{type(tokenizer).__name__} is not one"
+        )
     records = [_check_record(r, f"record {i}") for i, r in enumerate(records)]
     # datasets holds the tokens in Arrow tables, 4 bytes a token instead of a Python int's 28+,
     # and tokenizes in batches (the fast tokenizer encodes each batch in parallel). A text record
     # is a record whose prompt is empty.
-    table = datasets.Dataset.from_dict(
-        {
-            "prompt": [r.get("prompt", "") for r in records],
-            "target": [r.get("text", r.get("response")) for r in records],
-        }
-    )
+    table = {
+        "prompt": [r.get("prompt", "") for r in records],
+        "target": [r.get("text", r.get("response")) for r in records],
+    }
+    if span_weights is not None:
+        table["is_response"] = ["response" in r for r in records]
+    table = datasets.Dataset.from_dict(table)
+
+    columns = {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "labels")}
+    if span_weights is not None:
+        columns["weights"] = datasets.Sequence(datasets.Value("float32"))
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         prompts, targets = (
@@ -275,27 +315,39 @@ def pack(
                 batch[name],
                 add_special_tokens=False,
                 return_attention_mask=False,
+                # Offsets never change the ids: asking for them only where weights need them.
+                return_offsets_mapping=span_weights is not None and name == "target",
                 verbose=False,  # long records are expected here; they are cut into blocks below
-            )["input_ids"]
+            )
             for name in ("prompt", "target")
         )
-        return {
-            "input_ids": [p + t + [eos] for p, t in zip(prompts, targets)],
-            "labels": [[IGNORE_INDEX] * len(p) + t + [eos] for p, t in zip(prompts, targets)],
+        pairs = list(zip(prompts["input_ids"], targets["input_ids"]))
+        out = {
+            "input_ids": [p + t + [eos] for p, t in pairs],
+            "labels": [[IGNORE_INDEX] * len(p) + t + [eos] for p, t in pairs],
         }
+        if span_weights is not None:
+            out["weights"] = [
+                [0.0] * len(p) + _span_weights(text, offsets, span_weights)
+                if is_response
+                else [1.0] * (len(t) + 1)
+                for (p, t), text, offsets, is_response in zip(
+                    pairs, batch["target"], targets["offset_mapping"], batch["is_response"]
+                )
+            ]
+        return out
 
     tokens = table.map(
         tokenize,
         batched=True,
-        remove_columns=["prompt", "target"],
-        features=datasets.Features(
-            {name: datasets.Sequence(datasets.Value("int32")) for name in ("input_ids", "labels")}
-        ),
+        remove_columns=table.column_names,
+        features=datasets.Features(columns),
         keep_in_memory=True,
         new_fingerprint="fastkd-pack",  # in memory, never cached: no need to hash the tokenizer
         desc="tokenizing",
     )
     ids, labels = (_flat(tokens, name) for name in ("input_ids", "labels"))
+    weights = _flat(tokens, "weights") if span_weights is not None else None
     num_blocks = len(ids) // block_size
     if num_blocks == 0:
         raise ValueError(
@@ -304,10 +356,13 @@ def pack(
         )
     n = num_blocks * block_size
     shape = (num_blocks, block_size)
-    return (
+    packed = (
         torch.from_numpy(ids[:n]).to(torch.int64).view(shape),
         torch.from_numpy(labels[:n]).to(torch.int64).view(shape),
     )
+    if weights is None:
+        return packed
+    return (*packed, torch.from_numpy(weights[:n]).view(shape))
 
 
 def _flat(tokens: datasets.Dataset, column: str) -> np.ndarray:
@@ -376,12 +431,27 @@ class BlockDataset(torch.utils.data.Dataset):
 
     ``blocks`` [num_blocks] are the rows' block numbers in the packed data (``pack``'s output,
     before any split): what a teacher cache is indexed by. Default: 0, 1, 2, ...
+
+    ``token_weights`` (float, the shape of ``input_ids``; ``pack`` with ``span_weights`` gives
+    them) are the loss weights of the targets, in the labels' positions; each item then also
+    holds its row as ``"token_weights"`` (the ``Distiller``'s argument).
     """
 
     def __init__(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, blocks: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        blocks: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> None:
         _check_blocks(input_ids, labels)
+        if token_weights is not None and (
+            token_weights.shape != input_ids.shape or not token_weights.is_floating_point()
+        ):
+            raise ValueError(
+                f"token_weights must be a float tensor of the blocks' shape "
+                f"{tuple(input_ids.shape)}, got {token_weights.dtype} {tuple(token_weights.shape)}"
+            )
         if blocks is None:
             blocks = torch.arange(input_ids.shape[0])
         elif blocks.shape != input_ids.shape[:1]:
@@ -392,13 +462,17 @@ class BlockDataset(torch.utils.data.Dataset):
         self.input_ids = input_ids
         self.labels = labels
         self.blocks = blocks
+        self.token_weights = token_weights
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.input_ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
+        if self.token_weights is not None:
+            item["token_weights"] = self.token_weights[i]
+        return item
 
 
 class TeacherCacheDataset(torch.utils.data.Dataset):
@@ -438,12 +512,19 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
 
 
 def split_datasets(
-    input_ids: torch.Tensor, labels: torch.Tensor, eval_fraction: float, seed: int
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    eval_fraction: float,
+    seed: int,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[BlockDataset, BlockDataset]:
-    """``split_blocks`` as datasets that know their rows' block numbers."""
+    """``split_blocks`` as datasets that know their rows' block numbers (and, when given,
+    their token weights)."""
     _check_blocks(input_ids, labels)
     return tuple(
-        BlockDataset(input_ids[idx], labels[idx], idx)
+        BlockDataset(
+            input_ids[idx], labels[idx], idx, None if token_weights is None else token_weights[idx]
+        )
         for idx in split_indices(input_ids.shape[0], eval_fraction, seed)
     )
 

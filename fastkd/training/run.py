@@ -13,6 +13,7 @@ import transformers
 from fastkd.training.config import DistillConfig, RunArguments
 from fastkd.training.data import (
     BlockDataset,
+    SpanWeights,
     TeacherCacheDataset,
     has_tokenizer,
     load_dataset,
@@ -193,10 +194,16 @@ def distill(run: RunArguments, config: DistillConfig, args: transformers.Trainin
     cache = check_run(run, config, args)
     records = read_records(run.data)
     tokenizer, student_tokenizer = run_tokenizers(run, records)
-    input_ids, labels = pack(records, tokenizer, run.block_size)
+    spans = SpanWeights(config.rationale_weight, config.answer_weight, config.answer_marker)
+    # Span weights leave input_ids as they are (a teacher cache still matches); weights of 1
+    # are the unweighted loss, so they are built only when one differs.
+    weighted = (spans.rationale, spans.answer) != (1, 1)
+    input_ids, labels, *weights = pack(
+        records, tokenizer, run.block_size, spans if weighted else None
+    )
     if cache is not None:  # the cache's rows are the blocks of exactly this packing
         cache.check_data(input_ids, tokenizer)
-    train_ds, eval_ds = split_datasets(input_ids, labels, run.eval_fraction, config.seed)
+    train_ds, eval_ds = split_datasets(input_ids, labels, run.eval_fraction, config.seed, *weights)
     max_id = int(input_ids.max())
 
     teachers = [load_model(t) for t in run.teacher]
