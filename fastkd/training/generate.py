@@ -147,12 +147,10 @@ def _existing_records(out: Path, prompts: list[str], k: int) -> int:
     file); ValueError if one does not match its expected prompt and sample index."""
     data = out.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):  # a write cut short by a kill: never a whole record
-        with out.open("r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    lines = data[:end].decode("utf-8").splitlines()
+    try:
+        lines = data[:end].decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--out {out}: not valid UTF-8 ({e}): not this run's output") from None
     if len(lines) > len(prompts) * k:
         raise ValueError(
             f"--out {out} holds {len(lines)} records, more than {len(prompts)} prompts x {k} "
@@ -174,6 +172,11 @@ def _existing_records(out: Path, prompts: list[str], k: int) -> int:
                 f"{out}:{r + 1}: expected the record of prompt {i + 1}, sample {j}; the file "
                 "was changed or is another run's: use another --out"
             )
+    if end < len(data):  # a write cut short by a kill: never a whole record
+        with out.open("r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
     return len(lines)
 
 
