@@ -39,6 +39,7 @@ from fastkd.training.models import (
     describe,
     is_peft,
 )
+from fastkd.training.onpolicy import check_on_policy
 from fastkd.training.teacher_cache import TeacherCache
 
 PROJECTIONS_FILE = "fastkd_projections.safetensors"
@@ -117,6 +118,12 @@ def check_cache_config(config: DistillConfig, cache) -> None:
         )
     if config.teacher_weights is not None:
         raise ValueError("teacher_weights weigh several teachers; a teacher cache is one teacher")
+    if config.on_policy_fraction > 0:
+        raise ValueError(
+            f"on_policy_fraction={config.on_policy_fraction:g}: a teacher cache holds the "
+            "teacher's distribution at the data's tokens only, none at generated ones; distil "
+            "from the teacher model"
+        )
     if config.vocab is not None:
         raise ValueError(
             f"vocab={config.vocab!r} maps a teacher model's vocabulary; a teacher cache's ids "
@@ -253,6 +260,7 @@ class Distiller(nn.Module):
                     _hidden_size(student), _hidden_size(teacher), bias=False
                 )
         self._head_cache: dict = {}
+        check_on_policy(self)
 
     @property
     def active_parts(self) -> tuple[str, ...]:
@@ -273,18 +281,25 @@ class Distiller(nn.Module):
         return self.student.config
 
     def _check_logit_mixing(self) -> None:
-        if len(self.teachers) > 1 and self.distill_config.multi_teacher == "logits":
-            if any(Head(t).softcap for t in self.teachers):
-                raise ValueError(
-                    "multi_teacher='logits' mixes raw logits and cannot apply a teacher's final "
-                    "softcap; use multi_teacher='losses'"
-                )
-            vocabs = {Head(t).vocab_size for t in self.teachers}
-            if len(vocabs) > 1:
-                raise ValueError(
-                    "multi_teacher='logits' needs teachers with one vocabulary, got "
-                    f"{sorted(vocabs)}"
-                )
+        mode = self.distill_config.multi_teacher
+        if len(self.teachers) < 2 or mode == "losses":
+            return
+        caps = {Head(t).softcap or None for t in self.teachers}
+        if mode == "logits" and caps != {None}:
+            raise ValueError(
+                "multi_teacher='logits' mixes raw logits and cannot apply a teacher's final "
+                "softcap; use multi_teacher='mixture' or 'losses'"
+            )
+        if len(caps) > 1:
+            raise ValueError(
+                "multi_teacher='mixture' applies one final softcap to every teacher, got "
+                f"{sorted(caps, key=str)}; use multi_teacher='losses'"
+            )
+        vocabs = {Head(t).vocab_size for t in self.teachers}
+        if len(vocabs) > 1:
+            raise ValueError(
+                f"multi_teacher={mode!r} needs teachers with one vocabulary, got {sorted(vocabs)}"
+            )
 
     # --- gradient checkpointing (the Trainer's hooks, delegated to the student) ------------
 
@@ -342,7 +357,16 @@ class Distiller(nn.Module):
         labels: torch.Tensor | None = None,
         teacher_ids: torch.Tensor | None = None,
         teacher_logprobs: torch.Tensor | None = None,
+        hard_labels: bool = True,
+        token_weights: torch.Tensor | None = None,
     ) -> DistillOutput:
+        """The loss of one batch. ``hard_labels=False``: the labels are no ground truth (the
+        student's own samples, ``fastkd.training.onpolicy``), so the CE term is dropped and the
+        KD term keeps its weight ``1 - alpha``. ``token_weights`` [B, S] (float, in the labels'
+        positions: the loss predicting token t + 1 weighs ``token_weights[t + 1]``) weigh each
+        token's KD and CE terms, mean = sum(w * loss) / sum(w) over the targets (rationale
+        distillation's span weights, ``fastkd.training.data.SpanWeights``); the feature and
+        attention losses are not weighted."""
         cfg = self.distill_config
         cached = (teacher_ids, teacher_logprobs)
         if self.teacher_cache is None and any(t is not None for t in cached):
@@ -359,6 +383,8 @@ class Distiller(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         labels = input_ids if labels is None else labels
         labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        # Shifted as the fused losses shift the labels: position t's loss predicts token t + 1.
+        weights = None if token_weights is None else F.pad(token_weights[:, 1:], (0, 1))
         features = bool(self.feature_layers)
         # The router logits are recorded only when asked for (a model-specific keyword).
         router = {} if self.router_loss is None else {"output_router_logits": True}
@@ -388,9 +414,13 @@ class Distiller(nn.Module):
         # A head that FSDP2 shards is gathered for the fused loss (docs/design.md §10).
         with full_weights(s_head.module, *(h.module for h in t_heads)):
             if self.teacher_cache is None:
-                kd, ce = self._response_loss(s_head, t_heads, hidden, t_outs, labels)
+                kd, ce = self._response_loss(
+                    s_head, t_heads, hidden, t_outs, labels, hard_labels, token_weights=weights
+                )
             else:
-                kd, ce = self._cached_loss(s_head, hidden, labels, *cached)
+                kd, ce = self._cached_loss(
+                    s_head, hidden, labels, *cached, hard_labels, token_weights=weights
+                )
             stats = self._statistics(s_head, hidden, labels)
         zero = hidden.new_zeros((), dtype=torch.float32)
         feature = zero
@@ -457,7 +487,23 @@ class Distiller(nn.Module):
             return_parts=True,
         )
 
-    def _response_loss(self, s_head: Head, t_heads: list[Head], hidden, t_outs, labels):
+    def _weights(self, hard_labels: bool) -> dict:
+        """KD and CE weights of the fused losses: ``1 - alpha`` and ``alpha``, CE 0 without
+        hard labels."""
+        alpha = self.distill_config.alpha
+        return dict(kd_weight=1.0 - alpha, ce_weight=alpha if hard_labels else 0.0)
+
+    def _response_loss(
+        self,
+        s_head: Head,
+        t_heads: list[Head],
+        hidden,
+        t_outs,
+        labels,
+        hard_labels=True,
+        *,
+        token_weights=None,
+    ):
         """(kd, ce) contributions; kd carries the gradient of both."""
         cfg = self.distill_config
         # Under autocast the hidden states come in a lower precision than the (fp32) head:
@@ -491,8 +537,34 @@ class Distiller(nn.Module):
                 teacher_weight=torch.cat(wt, -1),
                 teacher_bias=sum(bt) if bt else None,
                 teacher_softcap=(t_heads[0].softcap or None) if len(ht) == 1 else None,
-                alpha=cfg.alpha,
+                **self._weights(hard_labels),
                 vocab=cfg.vocab,
+                token_weights=token_weights,
+                **kwargs,
+            )
+            return parts.loss - parts.ce, parts.ce
+        if cfg.multi_teacher == "mixture":
+            # One fused loss against p = sum_k w_k softmax(x_k / T), mixed chunk by chunk; each
+            # teacher's logit scale is folded into its hidden states and bias.
+            heads = [
+                self._teacher_head(k, head, hidden.device, h.dtype)
+                for k, (head, h) in enumerate(zip(t_heads, t_hidden))
+            ]
+            parts = fused_linear_kd_loss(
+                h_s,
+                w_s,
+                labels,
+                student_bias=b_s,
+                teacher_hidden=[h * head.scale for h, head in zip(t_hidden, t_heads)],
+                teacher_weight=[w for w, _ in heads],
+                teacher_bias=[
+                    None if b is None else b * head.scale for (_, b), head in zip(heads, t_heads)
+                ],
+                teacher_mixture=self.teacher_weights,
+                teacher_softcap=t_heads[0].softcap or None,
+                **self._weights(hard_labels),
+                vocab=cfg.vocab,
+                token_weights=token_weights,
                 **kwargs,
             )
             return parts.loss - parts.ce, parts.ce
@@ -511,15 +583,26 @@ class Distiller(nn.Module):
                 teacher_logit_scale=t_heads[k].scale,
                 teacher_softcap=t_heads[k].softcap or None,
                 kd_weight=(1.0 - cfg.alpha) * lam,
-                ce_weight=cfg.alpha if k == 0 else 0.0,
+                ce_weight=cfg.alpha if k == 0 and hard_labels else 0.0,
                 vocab=cfg.vocab,
+                token_weights=token_weights,
                 **kwargs,
             )
             total = total + parts.loss
             ce = parts.ce if ce is None else ce
         return total - ce, ce
 
-    def _cached_loss(self, s_head: Head, hidden, labels, teacher_ids, teacher_logprobs):
+    def _cached_loss(
+        self,
+        s_head: Head,
+        hidden,
+        labels,
+        teacher_ids,
+        teacher_logprobs,
+        hard_labels=True,
+        *,
+        token_weights=None,
+    ):
         """(kd, ce) against the teacher cache's rows of the batch; kd carries the gradient of
         both."""
         cfg = self.distill_config
@@ -530,8 +613,9 @@ class Distiller(nn.Module):
             teacher_logprobs.to(hidden.device),
             labels,
             student_bias=s_head.bias(hidden.dtype),
-            alpha=cfg.alpha,
             tail=cfg.tail,
+            **self._weights(hard_labels),
+            token_weights=token_weights,
             **self._loss_kwargs(s_head),
         )
         return parts.loss - parts.ce, parts.ce

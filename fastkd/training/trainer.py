@@ -38,6 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, ro
 
 from fastkd.training.distiller import DISTILL_PARTS, Distiller
 from fastkd.training.fsdp import is_sharded, shard_distiller
+from fastkd.training.onpolicy import OnPolicy
 
 # Where a checkpoint is written before it is renamed to checkpoint-N (docs/design.md §10).
 STAGING_DIR = ".checkpoint-staging"
@@ -82,6 +83,10 @@ class DistillationTrainer(transformers.Trainer):
     gathered student, each process's shard of the optimizer state (``optimizer_shards``,
     written with ``torch.distributed.checkpoint``), the schedule, RNG and trainer state, so a
     sharded run resumes; accumulated micro-batches are reduce-scattered once, after the last.
+
+    With ``on_policy_fraction > 0`` each training micro-batch may be replaced by continuations
+    the student (``seq_kd``: the teacher) generates from its prompts (``self.on_policy``, a
+    ``fastkd.training.onpolicy.OnPolicy``, counts them).
     """
 
     def __init__(self, distiller: Distiller, args: transformers.TrainingArguments, **kwargs):
@@ -111,8 +116,14 @@ class DistillationTrainer(transformers.Trainer):
         self._staging: Path | None = None
         if distiller.distill_config.self_distillation == "ema":
             self.add_callback(_EMAUpdate(distiller))
+        # On-policy / sequence-level KD: generated training batches (docs/design.md §10).
+        self.on_policy = None
+        if distiller.distill_config.on_policy_fraction > 0:
+            self.on_policy = OnPolicy(distiller, rank=args.process_index)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.on_policy is not None:
+            inputs = self.on_policy(inputs, self.state.global_step)
         out = model(**inputs)
         if model.training:
             for name in self.distiller.active_parts:
