@@ -38,7 +38,7 @@ def ws(tmp_path_factory):
     return types.SimpleNamespace(root=root, tokenizer=tokenizer, train=train)
 
 
-def make_trainer(ws, out, config, steps=2, accumulation=1):
+def make_trainer(ws, out, config, steps=2, accumulation=1, callbacks=None, **options):
     teacher = transformers.AutoModelForCausalLM.from_pretrained(ws.root / "teacher")
     student = tiny_llama(ws.tokenizer, 32, 1, seed=1)
     args = training_arguments(
@@ -48,11 +48,12 @@ def make_trainer(ws, out, config, steps=2, accumulation=1):
         learning_rate=3e-3,
         seed=0,
         logging_steps=1,
-        save_strategy="no",
         gradient_accumulation_steps=accumulation,
         disable_tqdm=True,
+        **{"save_strategy": "no", **options},
     )
-    return DistillationTrainer(Distiller(student, teacher, config), args, train_dataset=ws.train)
+    distiller = Distiller(student, teacher, config)
+    return DistillationTrainer(distiller, args, train_dataset=ws.train, callbacks=callbacks)
 
 
 def record(trainer):
@@ -212,6 +213,33 @@ def test_a_fraction_mixes_generated_and_data_batches(ws, tmp_path):
             assert (ws.train.input_ids == ids[0]).all(1).any()
     # The same seed draws the same batches whatever the fraction (one draw per batch).
     assert [onpolicy.draw(3, c["step"], c["index"], 1.0) for c in calls] == [True] * 8
+
+
+class StopAt(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == 2
+
+
+def test_a_resumed_run_generates_what_the_uninterrupted_one_did(ws, tmp_path):
+    config = DistillConfig(on_policy_fraction=0.5, prompt_tokens=PROMPT, seed=1)
+    full = make_trainer(ws, tmp_path / "full", config, steps=4, accumulation=2)
+    full_calls = record(full)
+    full.train()
+    cut = tmp_path / "cut"
+    make_trainer(ws, cut, config, 4, 2, [StopAt()], save_strategy="steps", save_steps=2).train()
+    resumed = make_trainer(ws, cut, config, steps=4, accumulation=2)
+    calls = record(resumed)
+    resumed.train(resume_from_checkpoint=str(cut / "checkpoint-2"))
+    assert [(c["step"], c["index"]) for c in calls] == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    generated = ["hard_labels" in c["kwargs"] for c in full_calls[4:]]
+    assert any(generated) and not all(generated)  # after the cut: both kinds
+    for a, b in zip(full_calls[4:], calls):
+        assert a["kwargs"].keys() == b["kwargs"].keys()
+        assert torch.equal(a["kwargs"]["input_ids"], b["kwargs"]["input_ids"])
+    for (name, a), b in zip(
+        full.distiller.state_dict().items(), resumed.distiller.state_dict().values()
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(
