@@ -16,6 +16,9 @@ chunks.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
@@ -27,11 +30,23 @@ from fastkd.backends import RowKernel, get_backend, select_backend
 from fastkd.kd_loss import LossModule, check_first_order, graph_kept
 from fastkd.reference import compute_dtype, transform_logits
 
+# A teacher tensor, or with ``teacher_mixture`` one per teacher.
+Teachers = torch.Tensor | Sequence[torch.Tensor | None] | None
 MiB = 1 << 20
 DEFAULT_MEMORY_BUDGET = {"cpu": 512 * MiB, "cuda": 2048 * MiB}
 # Rows of a default chunk at most, per device: the CPU's fp32 GEMMs of a chunk run ~35% slower
 # per row at 256 rows than at 512, and hardly faster beyond (docs/design.md §5).
 GEMM_ROWS = {"cpu": 512}
+
+
+@dataclass(frozen=True)
+class _Mixture:
+    """A probability mixture of teachers, p = sum_k w_k softmax(x_k / T) (docs/design.md §5),
+    with x_k teacher k's logits after the logit transform, applied per teacher here."""
+
+    log_weights: tuple[float, ...]  # log of the normalized weights; -inf: teacher left out
+    scale: float
+    softcap: float
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,7 @@ class _Plan:
     chunk: int
     low_precision_gemm: bool  # bf16/fp16 GEMMs with fp32 output (CUDA) instead of upcasts
     parts: bool  # also report the CE contribution (for logging)
+    mixture: _Mixture | None = None  # teacher tensors are then (h, w, b, z) per teacher
 
 
 class KDLossParts(NamedTuple):
@@ -118,27 +134,87 @@ def _ce_rows(x_y, labels, weights, plan: _Plan, lse):
 def _teacher_chunks(plan: _Plan, gemm: _Gemms, teacher: tuple, rows_max: int, like):
     """A function of a chunk's rows giving its teacher tensors for ``plan.kernel``: the cached
     ids and log-probabilities (sparse), or the teacher's fp32 logits (given, or from its hidden
-    states and head), written into one buffer allocated here. With CE only no kernel reads the
-    teacher (docs/design.md §2): a teacher with no columns, no buffer."""
+    states and head), written into one buffer allocated here (a mixture: ``_mixture_chunks``).
+    With CE only no kernel reads the teacher (docs/design.md §2): a teacher with no columns,
+    no buffer."""
     if plan.kernel.sparse:
         ids, logprobs = teacher
         return lambda rows: (ids[rows], logprobs[rows])
-    h_t, w_t, b_t, z_t = teacher
     if not plan.kernel.args.kd_weight:
         empty = like.new_empty((rows_max, 0), dtype=gemm.ct)
         return lambda rows: (empty[: rows.stop - rows.start],)
+    buf = like.new_empty((rows_max, _teacher_vocab(teacher[:4])), dtype=gemm.ct)
+    if plan.mixture is not None:
+        return _mixture_chunks(plan, gemm, teacher, buf)
+    logits = _logit_chunks(gemm, teacher, buf)
+    return lambda rows: (logits(rows),)
+
+
+def _teacher_vocab(teacher: tuple) -> int:
+    _, w_t, _, z_t = teacher
+    return z_t.shape[1] if z_t is not None else w_t.shape[0]
+
+
+def _logit_chunks(gemm: _Gemms, teacher: tuple, buf: torch.Tensor):
+    """A function of a chunk's rows giving the teacher's fp32 logits there, in ``buf``."""
+    h_t, w_t, b_t, z_t = teacher
     wt = None if w_t is None else gemm.operand(w_t)
-    vt = z_t.shape[1] if z_t is not None else w_t.shape[0]
-    buf = like.new_empty((rows_max, vt), dtype=gemm.ct)
+
+    def chunk(rows: slice) -> torch.Tensor:
+        out = buf[: rows.stop - rows.start]
+        if z_t is not None:
+            return out.copy_(z_t[rows])
+        zt = gemm.into(gemm.operand(h_t[rows]), wt.t(), out)
+        return zt if b_t is None else zt.add_(b_t)
+
+    return chunk
+
+
+def _mixture_chunks(plan: _Plan, gemm: _Gemms, teacher: tuple, buf: torch.Tensor):
+    """A function of a chunk's rows giving T log p of the teachers' mixture p there (in
+    ``buf``): logits the kernel turns back into p at temperature T, since p is normalized. Each
+    teacher's logits go through one scratch buffer and are folded in as log w_k + log
+    softmax(x_k / T), a running log-sum-exp, so the chunk holds two [c, V] buffers whatever
+    the number of teachers (docs/design.md §5)."""
+    mixture, t = plan.mixture, plan.kernel.args.temperature
+    scratch = torch.empty_like(buf)
+    teachers = [
+        (lw, _logit_chunks(gemm, teacher[4 * k : 4 * k + 4], scratch))
+        for k, lw in enumerate(mixture.log_weights)
+        if lw > -math.inf
+    ]
 
     def chunk(rows: slice) -> tuple:
         out = buf[: rows.stop - rows.start]
-        if z_t is not None:
-            return (out.copy_(z_t[rows]),)
-        zt = gemm.into(gemm.operand(h_t[rows]), wt.t(), out)
-        return (zt if b_t is None else zt.add_(b_t),)
+        for i, (lw, logits) in enumerate(teachers):
+            lp = _log_softmax_(_transform_(logits(rows), mixture.scale, mixture.softcap), t)
+            lp.add_(lw)
+            if i == 0:
+                out.copy_(lp)
+            else:
+                torch.logaddexp(out, lp, out=out)
+        return (out.mul_(t),)
 
     return chunk
+
+
+def _transform_(x: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """``reference.transform_logits`` in place (-inf stays -inf under the softcap)."""
+    if scale != 1.0:
+        x.mul_(scale)
+    if softcap:
+        masked = x == -math.inf
+        x.div_(softcap).tanh_().mul_(softcap).masked_fill_(masked, -math.inf)
+    return x
+
+
+def _log_softmax_(x: torch.Tensor, t: float) -> torch.Tensor:
+    """log softmax(x / t) of each row, in place."""
+    m = x.amax(1, keepdim=True)
+    m.masked_fill_(m == -math.inf, 0.0)  # an all -inf row stays -inf, no NaN
+    x.sub_(m).div_(t)
+    lse = torch.logsumexp(x, 1, keepdim=True)
+    return x.sub_(lse.masked_fill_(lse == -math.inf, 0.0))
 
 
 def _chunk_loop(plan: _Plan, tensors: tuple, grad_scale, needs: tuple):
@@ -284,11 +360,12 @@ def fused_linear_kd_loss(
     student_weight: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: Teachers = None,
+    teacher_weight: Teachers = None,
+    teacher_logits: Teachers = None,
     student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
+    teacher_bias: Teachers = None,
+    teacher_mixture: Sequence[float] | None = None,
     token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
@@ -305,11 +382,12 @@ def fused_linear_kd_loss(
     student_weight: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: Teachers = None,
+    teacher_weight: Teachers = None,
+    teacher_logits: Teachers = None,
     student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
+    teacher_bias: Teachers = None,
+    teacher_mixture: Sequence[float] | None = None,
     token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
@@ -326,11 +404,12 @@ def fused_linear_kd_loss(
     student_weight: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_hidden: Teachers = None,
+    teacher_weight: Teachers = None,
+    teacher_logits: Teachers = None,
     student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
+    teacher_bias: Teachers = None,
+    teacher_mixture: Sequence[float] | None = None,
     token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
@@ -354,6 +433,12 @@ def fused_linear_kd_loss(
             and head [Vt, Ht] (+ [Vt]); any width and float dtype.
         teacher_logits: or the teacher as logits [N, Vt] / [B, S, Vt] (then no teacher head).
             With CE only (``alpha=1`` or ``kd_weight=0``) no teacher is needed.
+        teacher_mixture: weights w_k of several teachers (non-negative, positive sum; they are
+            normalized): the teacher distribution is then the probability mixture
+            ``p = sum_k w_k softmax(x_k / T)``, formed chunk by chunk, and ``teacher_hidden``,
+            ``teacher_weight``, ``teacher_bias`` (entries may be None) or ``teacher_logits``
+            are lists with one tensor per teacher, all of one vocabulary. The teacher logit
+            transform (``teacher_logit_scale``, ``teacher_softcap``) applies to each teacher.
         student_bias: optional [V] student lm_head bias.
         token_weights: optional [N] or [B, S] per-token multipliers, finite and 0 or a normal
             float, as in :func:`fastkd.kd_loss`; they may require grad.
@@ -388,21 +473,17 @@ def fused_linear_kd_loss(
     batch_shape = h_s.shape[:-1]
     vs = w_s.shape[0]
 
-    vt = None  # no teacher
-    if teacher_logits is not None:
-        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
-            raise ValueError(
-                "give the teacher either as teacher_logits or as teacher_hidden + "
-                "teacher_weight (+ teacher_bias), not both"
-            )
-        _check_teacher_rows("teacher_logits", teacher_logits, "Vt", h_s)
-        vt = teacher_logits.shape[-1]
-    elif teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("the teacher is missing: pass teacher_hidden and teacher_weight")
-        _check_teacher_rows("teacher_hidden", teacher_hidden, "Ht", h_s)
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-        vt = teacher_weight.shape[0]
+    if teacher_mixture is None:
+        teacher, vt = _check_teacher(
+            h_s, teacher_hidden, teacher_weight, teacher_bias, teacher_logits
+        )
+        mixture = None
+    else:
+        teacher, vt, mixture = _check_mixture(
+            h_s, teacher_mixture, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, opts
+        )
+        # The transform is applied per teacher before mixing; the kernel sees the mixture.
+        opts = dataclasses.replace(opts, teacher_logit_scale=1.0, teacher_softcap=None)
     args = opts.kernel_args(vs, vs if vt is None else vt)
     if vt is None and args.kd_weight:
         raise ValueError(
@@ -423,18 +504,90 @@ def fused_linear_kd_loss(
     plan = _Plan(
         kernel=RowKernel(chosen, args),
         reduction=opts.reduction,
-        chunk=_chunk(chunk_size, memory_budget, h_s, _row_bytes(args, vs, vt, low_precision)),
+        chunk=_chunk(
+            chunk_size,
+            memory_budget,
+            h_s,
+            _row_bytes(args, vs, vt, low_precision, teacher_buffers=1 if mixture is None else 3),
+        ),
         low_precision_gemm=low_precision,
         parts=return_parts,
+        mixture=mixture,
     )
+    return run_fused(
+        plan, _inputs.rows_2d(h_s), w_s, student_bias, labels, weights, teacher, batch_shape
+    )
+
+
+def _check_teacher(h_s, hidden, weight, bias, logits) -> tuple[tuple, int | None]:
+    """One teacher's tensors, checked and flattened to (hidden, weight, bias, logits) rows, and
+    its vocabulary (None: no teacher)."""
     flat = _inputs.rows_2d
-    teacher = (
-        None if teacher_hidden is None else flat(teacher_hidden),
-        teacher_weight,
-        teacher_bias,
-        None if teacher_logits is None else flat(teacher_logits),
-    )
-    return run_fused(plan, flat(h_s), w_s, student_bias, labels, weights, teacher, batch_shape)
+    if logits is not None:
+        if hidden is not None or weight is not None or bias is not None:
+            raise ValueError(
+                "give the teacher either as teacher_logits or as teacher_hidden + "
+                "teacher_weight (+ teacher_bias), not both"
+            )
+        _check_teacher_rows("teacher_logits", logits, "Vt", h_s)
+        return (None, None, None, flat(logits)), logits.shape[-1]
+    if hidden is None and weight is None and bias is None:
+        return (None, None, None, None), None
+    if hidden is None or weight is None:
+        raise ValueError("the teacher is missing: pass teacher_hidden and teacher_weight")
+    _check_teacher_rows("teacher_hidden", hidden, "Ht", h_s)
+    _check_head("teacher", hidden, weight, bias)
+    return (flat(hidden), weight, bias, None), weight.shape[0]
+
+
+def _check_mixture(h_s, mixture, hidden, weight, bias, logits, opts: LossOptions):
+    """The teachers of ``teacher_mixture`` checked one by one and flattened into one tuple,
+    (hidden, weight, bias, logits) per teacher; their vocabulary; the ``_Mixture``."""
+    if isinstance(mixture, (str, bytes, torch.Tensor)) or not isinstance(mixture, Sequence):
+        raise TypeError(
+            f"teacher_mixture must be a list of weights, one per teacher, got {mixture!r}"
+        )
+    weights = list(mixture)
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+    if not weights or not numbers or not all(0 <= w < math.inf for w in weights):
+        raise ValueError(f"teacher_mixture must be finite non-negative numbers, got {weights!r}")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"teacher_mixture must have a positive sum, got {weights!r}")
+    k = len(weights)
+    given = {
+        "teacher_hidden": hidden,
+        "teacher_weight": weight,
+        "teacher_bias": bias,
+        "teacher_logits": logits,
+    }
+    columns = []
+    for name, value in given.items():
+        if value is None:
+            columns.append([None] * k)
+        elif isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+            raise TypeError(f"with teacher_mixture, {name} must be a list of {k} tensors")
+        elif len(value) != k:
+            raise ValueError(f"teacher_mixture has {k} weights but {name} has {len(value)}")
+        else:
+            columns.append(list(value))
+    teacher, vocabs = [], set()
+    for i, one in enumerate(zip(*columns)):
+        try:
+            tensors, vt = _check_teacher(h_s, *one)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"teacher {i} of teacher_mixture: {e}") from None
+        if vt is None:
+            raise ValueError(f"teacher {i} of teacher_mixture: no tensors given")
+        teacher.extend(tensors)
+        vocabs.add(vt)
+    if len(vocabs) > 1:
+        raise ValueError(
+            f"the teachers of teacher_mixture must share one vocabulary, got {sorted(vocabs)}"
+        )
+    log_weights = tuple(math.log(w / total) if w else -math.inf for w in weights)
+    softcap = float(opts.teacher_softcap or 0.0)
+    return tuple(teacher), vocabs.pop(), _Mixture(log_weights, opts.teacher_logit_scale, softcap)
 
 
 def run_fused(plan: _Plan, h_s, w_s, b_s, labels, weights, teacher: tuple, batch_shape):
@@ -493,12 +646,17 @@ def _shift(labels, batch_shape, ignore_index):
 
 
 def _row_bytes(
-    args: KernelArgs | SparseKernelArgs, vs: int, vt: int | None, low_precision: bool
+    args: KernelArgs | SparseKernelArgs,
+    vs: int,
+    vt: int | None,
+    low_precision: bool,
+    teacher_buffers: int = 1,
 ) -> int:
     """Bytes of one row of a chunk's buffers: fp32 student logits, the teacher's with a KD
-    term (``vt`` None: no teacher logits, as for a cached sparse teacher), and the
+    term (``vt`` None: no teacher logits, as for a cached sparse teacher; a mixture: its
+    log-probabilities, one teacher's logits and a temporary of their log-sum-exp), and the
     low-precision copy of the gradient for the GEMMs."""
-    teacher = vt if vt is not None and args.kd_weight else 0
+    teacher = teacher_buffers * vt if vt is not None and args.kd_weight else 0
     return 4 * (vs + teacher) + (2 * vs if low_precision else 0)
 
 
@@ -528,11 +686,11 @@ class FusedLinearKDLoss(LossModule, function=fused_linear_kd_loss):
         student_weight: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
-        teacher_hidden: torch.Tensor | None = None,
-        teacher_weight: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
+        teacher_hidden: Teachers = None,
+        teacher_weight: Teachers = None,
+        teacher_logits: Teachers = None,
         student_bias: torch.Tensor | None = None,
-        teacher_bias: torch.Tensor | None = None,
+        teacher_bias: Teachers = None,
         token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return fused_linear_kd_loss(

@@ -66,6 +66,22 @@ def _log_softmax(x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]
     return y - ls, (m + t * ls).squeeze(-1)
 
 
+def mixture_logits(
+    teacher_logits, weights, temperature: float, scale: float = 1.0, softcap: float = 0.0
+) -> torch.Tensor:
+    """Logits of a probability mixture of teachers (docs/design.md §5): T log p with
+    p = sum_k w_k softmax(x_k / T), x_k = teacher k's transformed logits, the weights
+    normalized. softmax(these / T) is p again, so they stand in for one teacher's logits (with
+    no further transform). Teachers of weight 0 are left out."""
+    total = float(sum(weights))
+    terms = [
+        math.log(w / total) + _log_softmax(transform_logits(z, scale, softcap), temperature)[0]
+        for z, w in zip(teacher_logits, weights)
+        if w
+    ]
+    return temperature * torch.logsumexp(torch.stack(terms), 0)
+
+
 def _plog_ratio(lx: torch.Tensor, ly: torch.Tensor) -> torch.Tensor:
     """sum_j x_j (log x_j - log y_j) over the last dim: 0 where x_j is 0 (log x_j <= LOG_MIN),
     +inf for the row where some x_j > 0 meets y_j = 0 (log y_j = -inf).

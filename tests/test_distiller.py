@@ -167,7 +167,7 @@ def test_attention_loss_by_hand():
     assert math.isclose(float(out.attention), 0.5 * expected, rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["logits", "losses"])
+@pytest.mark.parametrize("mode", ["logits", "mixture", "losses"])
 def test_multi_teacher(mode):
     student = llama(32, 2, seed=1)
     teachers = [llama(48, 3, seed=2), gpt2(40, 2, seed=3)]
@@ -181,6 +181,9 @@ def test_multi_teacher(mode):
     kw = dict(temperature=1.5, backend="reference")
     if mode == "logits":
         expected = fastkd.kd_loss(zs, 0.75 * zt[0] + 0.25 * zt[1], y, alpha=0.25, **kw)
+    elif mode == "mixture":  # T log p of p = sum_k w_k softmax(z_k / T): softmax(. / T) = p
+        p = 0.75 * torch.softmax(zt[0] / 1.5, -1) + 0.25 * torch.softmax(zt[1] / 1.5, -1)
+        expected = fastkd.kd_loss(zs, 1.5 * p.log(), y, alpha=0.25, **kw)
     else:
         expected = 0.25 * fastkd.kd_loss(zs, zt[0], y, alpha=1.0, **kw) + sum(
             0.75 * w * fastkd.kd_loss(zs, z, y, alpha=0.0, **kw) for w, z in zip((0.75, 0.25), zt)
