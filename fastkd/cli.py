@@ -1,5 +1,5 @@
-"""Command line: ``fastkd demo | distill | cache-teacher | generate | prune | eval | bench |
-check-gpu`` (also ``python -m fastkd ...``).
+"""Command line: ``fastkd demo | distill | cache-teacher | generate | prune | compare | eval |
+bench | check-gpu`` (also ``python -m fastkd ...``).
 
 The top-level parser only names the commands, so ``fastkd --help`` imports neither torch nor
 transformers; a command's parser is built when that command is chosen. ``distill`` parses with
@@ -21,6 +21,7 @@ COMMANDS = {
     "cache-teacher": "run a teacher over the data once, cache its top-k log-probabilities",
     "generate": "sample a teacher's responses to prompts as training records",
     "prune": "make a smaller student from a teacher: drop layers, heads, channels (Minitron)",
+    "compare": "train one student several ways (hard labels, KD, ...), one table",
     "eval": "perplexity and next-token accuracy of a model",
     "bench": "benchmark the losses against eager, compile, peers",
     "check-gpu": "on a CUDA machine: build, correctness suite, memcheck, benchmark (< 25 min)",
@@ -449,6 +450,56 @@ def _prune(argv: list[str]) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastkd compare",
+        description=COMMANDS["compare"] + ": the same student architecture, data, held-out "
+        "blocks, seed, steps and batches for every method of a study (hard labels, vanilla, "
+        "feature, sequence-level and on-policy KD, a pruned-teacher init, ...); held-out "
+        "perplexity and accuracy, retention vs the teacher, gap closed vs the baseline, ROUGE-L "
+        "of greedy continuations against the teacher's, wall time and step peak memory.",
+        epilog="Writes into --out: compare.json (study, machine, versions, seeds, one row per "
+        "method), compare.md (the table), compare.png (perplexity and ROUGE-L per method). "
+        "The study file's schema: examples/compare.yaml.",
+    )
+    study = parser.add_mutually_exclusive_group(required=True)
+    study.add_argument("--config", metavar="FILE", help="the study (.yaml/.yml/.json)")
+    study.add_argument(
+        "--demo",
+        action="store_true",
+        help="the built-in study on the demo corpus (examples/compare.yaml; about 15 minutes "
+        "on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--out", default="runs/compare", metavar="DIR", help="output directory (runs/compare)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a quarter of every budget (steps, prompts): checks a study end to end; the "
+        "numbers mean little",
+    )
+    parser.add_argument(
+        "--work",
+        metavar="DIR",
+        help="keep the tokenizer, teacher, students' init, prompts and generations here (absent "
+        "or empty; default: a temporary directory, deleted)",
+    )
+    return parser
+
+
+def _compare(argv: list[str]) -> None:
+    args = compare_parser().parse_args(argv)
+    from fastkd.training.compare import DEMO_STUDY, load_study, run_study, summary
+
+    study = load_study(DEMO_STUDY if args.demo else args.config)
+    if args.quick:
+        study = study.quick()
+    report = run_study(study, args.out, work=args.work)
+    print(summary(report))
+    print(f"wrote {args.out}: compare.json, compare.md, compare.png ({report['seconds']:.0f} s)")
+
+
 # --- distill -------------------------------------------------------------------------------
 
 
@@ -668,6 +719,7 @@ _HANDLERS = {
     "cache-teacher": _cache_teacher,
     "generate": _generate,
     "prune": _prune,
+    "compare": _compare,
     "eval": _eval,
     "bench": _bench,
     "check-gpu": _check_gpu,
