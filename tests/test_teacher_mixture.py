@@ -176,3 +176,35 @@ def test_bad_input(mixture, change, error, match):
             student["student_hidden"], student["student_weight"], labels,
             teacher_hidden=hidden, teacher_weight=weight, teacher_mixture=mixture,
         )  # fmt: skip
+
+
+def test_forward_kl_of_the_mixture_has_the_gradient_of_the_summed_losses():
+    """Sum_k w_k KL(p_k || q) = KL(sum_k w_k p_k || q) + a constant (docs/design.md §5): the
+    multi_teacher modes "mixture" and "losses" train alike under forward KL, and only there."""
+    student, teachers, labels = make_teachers(ht=(20, 16))
+    weights = [0.7, 0.3]
+    s = [t.double().requires_grad_(True) for t in student.values()]
+    z = teacher_logits(teachers)
+    kw = dict(temperature=1.5, backend="reference", labels=labels, student_bias=s[2])
+    for divergence, same in (("kl", True), ("reverse_kl", False)):
+        mixed = fastkd.fused_linear_kd_loss(
+            s[0], s[1], teacher_logits=z, teacher_mixture=weights, kd_weight=1.0, ce_weight=0.0,
+            divergence=divergence, **kw,
+        )  # fmt: skip
+        g_mixed = torch.autograd.grad(mixed, s)
+        summed = sum(
+            fastkd.fused_linear_kd_loss(
+                s[0],
+                s[1],
+                teacher_logits=zk,
+                kd_weight=w,
+                ce_weight=0.0,
+                divergence=divergence,
+                **kw,
+            )
+            for zk, w in zip(z, weights)
+        )
+        g_summed = torch.autograd.grad(summed, s)
+        assert float((summed - mixed).detach()) > 1e-3  # H(mixture) - sum_k w_k H(p_k) > 0
+        close = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g_mixed, g_summed))
+        assert close == same, divergence
