@@ -540,9 +540,9 @@ def _check_teacher(h_s, hidden, weight, bias, logits) -> tuple[tuple, int | None
     return (flat(hidden), weight, bias, None), weight.shape[0]
 
 
-def _check_mixture(h_s, mixture, hidden, weight, bias, logits, opts: LossOptions):
-    """The teachers of ``teacher_mixture`` checked one by one and flattened into one tuple,
-    (hidden, weight, bias, logits) per teacher; their vocabulary; the ``_Mixture``."""
+def mixture_log_weights(mixture) -> tuple[float, ...]:
+    """log of the normalized ``teacher_mixture`` weights (-inf for a weight of 0); a TypeError
+    or ValueError unless they are finite non-negative numbers with a positive sum."""
     if isinstance(mixture, (str, bytes, torch.Tensor)) or not isinstance(mixture, Sequence):
         raise TypeError(
             f"teacher_mixture must be a list of weights, one per teacher, got {mixture!r}"
@@ -554,7 +554,14 @@ def _check_mixture(h_s, mixture, hidden, weight, bias, logits, opts: LossOptions
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"teacher_mixture must have a positive sum, got {weights!r}")
-    k = len(weights)
+    return tuple(math.log(w / total) if w else -math.inf for w in weights)
+
+
+def _check_mixture(h_s, mixture, hidden, weight, bias, logits, opts: LossOptions):
+    """The teachers of ``teacher_mixture`` checked one by one and flattened into one tuple,
+    (hidden, weight, bias, logits) per teacher; their vocabulary; the ``_Mixture``."""
+    log_weights = mixture_log_weights(mixture)
+    k = len(log_weights)
     given = {
         "teacher_hidden": hidden,
         "teacher_weight": weight,
@@ -585,7 +592,6 @@ def _check_mixture(h_s, mixture, hidden, weight, bias, logits, opts: LossOptions
         raise ValueError(
             f"the teachers of teacher_mixture must share one vocabulary, got {sorted(vocabs)}"
         )
-    log_weights = tuple(math.log(w / total) if w else -math.inf for w in weights)
     softcap = float(opts.teacher_softcap or 0.0)
     return tuple(teacher), vocabs.pop(), _Mixture(log_weights, opts.teacher_logit_scale, softcap)
 
@@ -679,6 +685,10 @@ def _chunk(chunk_size, memory_budget, h_s, row_bytes: int) -> int:
 class FusedLinearKDLoss(LossModule, function=fused_linear_kd_loss):
     """Module form of :func:`fused_linear_kd_loss`: options at construction, tensors in
     ``forward``. ``alpha`` is the CE weight; ``1 - alpha`` weighs the T^2-scaled KD term."""
+
+    def check_settings(self) -> None:
+        if self.settings["teacher_mixture"] is not None:
+            mixture_log_weights(self.settings["teacher_mixture"])
 
     def forward(
         self,

@@ -227,6 +227,10 @@ class LossModule(torch.nn.Module):
         names = option_names(options)
         options(**{k: v for k, v in self.settings.items() if k in names})
         check_backend_name(self.settings["backend"])
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Check the settings that are not loss options (a subclass's)."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if v is not None)

@@ -208,3 +208,21 @@ def test_forward_kl_of_the_mixture_has_the_gradient_of_the_summed_losses():
         assert float((summed - mixed).detach()) > 1e-3  # H(mixture) - sum_k w_k H(p_k) > 0
         close = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g_mixed, g_summed))
         assert close == same, divergence
+
+
+def test_module_checks_the_weights_at_construction_and_mixes():
+    with pytest.raises(ValueError, match="positive sum"):
+        fastkd.FusedLinearKDLoss(teacher_mixture=[0, 0])
+    student, teachers, labels = make_teachers(ht=(20, 16))
+    hidden, weight, bias = (list(t) for t in zip(*teachers))
+    module = fastkd.FusedLinearKDLoss(teacher_mixture=[1, 2], temperature=1.5, backend="reference")
+    got = module(
+        *list(student.values())[:2], labels, teacher_hidden=hidden, teacher_weight=weight,
+        teacher_bias=bias, student_bias=student["student_bias"],
+    )  # fmt: skip
+    expected = fastkd.fused_linear_kd_loss(
+        *list(student.values())[:2], labels, teacher_hidden=hidden, teacher_weight=weight,
+        teacher_bias=bias, student_bias=student["student_bias"], teacher_mixture=[1, 2],
+        temperature=1.5, backend="reference",
+    )  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
