@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close, device_for, kernel_backends, tolerance
 
 import fastkd
+from fastkd.memory import peak_memory_bytes
 from fastkd.reference import mixture_logits
 
 BACKENDS = [pytest.param("reference", id="reference"), *kernel_backends()]
@@ -226,3 +227,32 @@ def test_module_checks_the_weights_at_construction_and_mixes():
         temperature=1.5, backend="reference",
     )  # fmt: skip
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+MEMORY_SETUP = """
+    import torch, fastkd
+    n, v, h = {n}, 32000, 64
+    torch.manual_seed(0)
+    hs = torch.randn(n, h, requires_grad=True)
+    ws = (torch.randn(v, h) * 0.1).requires_grad_(True)
+    ht = [torch.randn(n, h) for _ in range(3)]
+    wt = [torch.randn(v, h) * 0.1 for _ in range(3)]
+    y = torch.randint(0, v, (n,))
+    def run(k):
+        fastkd.fused_linear_kd_loss(hs[:k], ws, y[:k], teacher_hidden=[t[:k] for t in ht],
+                                    teacher_weight=wt, teacher_mixture=[1, 2, 3]).backward()
+        hs.grad = ws.grad = None
+    run(64)  # load the kernels, start the thread pool
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fastkd.backends()["cpu"].available, reason="C++ backend not built")
+def test_mixture_extra_memory_is_bounded_and_independent_of_n():
+    """Three teachers mixed: peak memory of fwd + bwd beyond the inputs (fresh process) is one
+    chunk's buffers, far below one [N, V] fp32 tensor, and the same at N = 2048 and 8192."""
+    extra = {n: peak_memory_bytes(MEMORY_SETUP.format(n=n), f"run({n})") for n in (2048, 8192)}
+    # A default chunk (512 rows) of the student's logits and the mixture's two teacher buffers
+    # plus the log-sum-exp's temporary, whatever N: a third of [N, V] at N = 8192.
+    assert extra[8192] < 8192 * 32000 * 4 / 3, extra
+    assert extra[8192] < extra[2048] + 16 * 2**20, extra
