@@ -22,6 +22,7 @@ from fastkd.training.run import training_arguments
 
 BLOCK = 16
 PROMPT = 6
+EOS = torch.tensor([2])  # fsdp_llama's eos
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +241,69 @@ def test_a_resumed_run_generates_what_the_uninterrupted_one_did(ws, tmp_path):
         full.distiller.state_dict().items(), resumed.distiller.state_dict().values()
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def fsdp_worker(rank: int, store: str, out: str) -> None:
+    """On each of 2 gloo ranks: a sharded Distiller's generated batch (rank 1's generator ends
+    every row at once: the ranks stop at different times), its loss after a backward, and the
+    unsharded Distiller's batch from the same seed."""
+    import torch.distributed as dist
+
+    from fastkd.training.fsdp import shard_distiller
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    results = {}
+    try:
+        for seq_kd in (False, True):
+            config = DistillConfig(on_policy_fraction=1.0, seq_kd=seq_kd, prompt_tokens=4)
+            made = [Distiller(fsdp_llama(1, 32), fsdp_llama(0, 48), config) for _ in range(2)]
+            sharded, plain = shard_distiller(made[0]), made[1]
+            if rank == 1:
+                for d in (sharded, plain):
+                    generator = d.teachers[0] if seq_kd else d.student
+                    generator.lm_head.register_forward_hook(
+                        lambda m, i, o: o.index_fill(-1, EOS, 99)
+                    )
+            ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(rank))
+            got = onpolicy.generated_batch(sharded, {"input_ids": ids}, seed=rank)
+            sharded(**got).loss.backward()
+            want = onpolicy.generated_batch(plain, {"input_ids": ids}, seed=rank)
+            results[seq_kd] = (got, want)
+        torch.save(results, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_llama(seed: int, hidden: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=101,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.slow
+def test_sharded_generation_matches_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(fsdp_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        results = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=False)
+        for got, want in results.values():
+            assert got["hard_labels"] == want["hard_labels"]
+            for key in ("input_ids", "attention_mask", "labels"):
+                assert torch.equal(got[key], want[key]), (rank, key)
+            if rank == 1:  # the prompt and an eos
+                assert got["attention_mask"].sum(1).tolist() == [5, 5]
 
 
 @pytest.mark.parametrize(

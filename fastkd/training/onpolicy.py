@@ -141,9 +141,16 @@ def generated_batch(
         pad = eos[0] if eos else 0  # padding only: masked out below
     training = model.training
     model.eval()
+    # FSDP2 (docs/design.md §10): the student's embeddings and norm live in the root unit, the
+    # Distiller, gathered here since its forward is not running; its layers and head gather
+    # in their own forwards, and ranks step together until all are done (synced_gpus).
+    root = is_sharded(distiller) and model is distiller.student
+    if root:
+        # torch 2.13 FSDP2 internals: the root must set up its tree before a unit under it
+        # runs on its own (a no-op once the root has run forward).
+        distiller._get_fsdp_state()._lazy_init()
+        distiller.unshard()
     try:
-        # Sharded (FSDP2) models all-gather in every forward: ranks step together until all
-        # are done (transformers' synced_gpus).
         devices = range(torch.cuda.device_count())
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
@@ -156,6 +163,8 @@ def generated_batch(
             )
     finally:
         model.train(training)
+        if root:
+            distiller.reshard()
     continuation = out[:, prompt:].to(ids.device)
     if continuation.shape[1] < new:  # every row stopped early
         fill = continuation.new_full((len(ids), new - continuation.shape[1]), pad)
