@@ -95,11 +95,15 @@ def logits(model, data: BlockDataset) -> torch.Tensor:
         return model(input_ids=data.input_ids[:4]).logits
 
 
+class PassThrough(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 def skipping(model, dropped):
-    """``model`` with these layers taken out of its forward."""
-    model.model.layers = torch.nn.ModuleList(
-        m for i, m in enumerate(model.model.layers) if i not in dropped
-    )
+    """``model`` with these layers taken out of its forward (their input passes through)."""
+    for i in dropped:
+        model.model.layers[i] = PassThrough()
     return model
 
 
@@ -164,10 +168,19 @@ def test_depth_pruning_drops_the_layers_of_lowest_block_influence(ws, tmp_path):
     assert report["layers"]["selected_by"] == "block_influence"
 
     student = load(tmp_path / "student")
-    expected = {k: v for k, v in skipping(teacher, dropped).state_dict().items()}
+    kept = [i for i in range(4) if i not in dropped]
+    expected = {
+        **{k: v for k, v in teacher.state_dict().items() if not k.startswith("model.layers.")},
+        **{
+            f"model.layers.{k}.{name}": value
+            for k, i in enumerate(kept)
+            for name, value in teacher.model.layers[i].state_dict().items()
+        },
+    }
     assert student.state_dict().keys() == expected.keys()
     for name, value in student.state_dict().items():
         assert torch.equal(value, expected[name]), name
+    teacher = skipping(teacher, dropped)
     torch.testing.assert_close(logits(student, data), logits(teacher, data))
 
 
@@ -228,11 +241,12 @@ def reference_width(model, data, heads: int, intermediate: int):
     return kept_heads, kept_mlp
 
 
-def masked(model, kept_heads, kept_mlp):
-    """The teacher with the dropped heads' and MLP channels' outputs zeroed."""
+def masked(model, layers, kept_heads, kept_mlp):
+    """The teacher with the dropped heads' and MLP channels' outputs of these layers zeroed."""
     hd = model.config.head_dim
     with torch.no_grad():
-        for layer, heads, channels in zip(model.model.layers, kept_heads, kept_mlp):
+        for i, heads, channels in zip(layers, kept_heads, kept_mlp):
+            layer = model.model.layers[i]
             keep = torch.zeros(model.config.num_attention_heads, dtype=torch.bool)
             keep[heads] = True
             layer.self_attn.o_proj.weight[:, ~keep.repeat_interleave(hd)] = 0
@@ -243,16 +257,22 @@ def masked(model, kept_heads, kept_mlp):
 
 
 @pytest.mark.parametrize(
-    "model_type, kv_heads, extra",
+    "model_type, kv_heads, extra, drop",
     [
-        ("llama", 2, {}),  # the trained teacher
-        ("qwen2", 2, {}),  # q/k/v biases
-        ("qwen3", 1, {"attention_bias": True}),  # q/k norms, one KV head
-        ("mistral", 4, {}),  # MHA: whole heads go
+        ("llama", 2, {}, None),  # the trained teacher
+        # q/k/v biases; layers 2 and 3 attend over a sliding window: a layer keeps its type
+        (
+            "qwen2",
+            2,
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+            [1],
+        ),
+        ("qwen3", 1, {"attention_bias": True}, None),  # q/k norms, one KV head
+        ("mistral", 4, {}, None),  # MHA: whole heads go
     ],
 )
 def test_width_pruning_equals_the_teacher_with_the_rest_masked(
-    ws, tmp_path, model_type, kv_heads, extra
+    ws, tmp_path, model_type, kv_heads, extra, drop
 ):
     if model_type == "llama":
         teacher_dir = "teacher"
@@ -260,17 +280,24 @@ def test_width_pruning_equals_the_teacher_with_the_rest_masked(
         teacher_dir = f"teacher_{model_type}"
         if not (ws / teacher_dir).exists():
             tokenizer = load_tokenizer(ws / "teacher")
-            save(
-                tiny(model_type, tokenizer, kv_heads=kv_heads, **extra), tokenizer, ws / teacher_dir
-            )
-    report = run(ws, tmp_path / "student", teacher=teacher_dir, heads=2, intermediate=48)
+            teacher = tiny(model_type, tokenizer, kv_heads=kv_heads, **extra)
+            save(teacher, tokenizer, ws / teacher_dir)
+    report = run(
+        ws, tmp_path / "student", teacher=teacher_dir, heads=2, intermediate=48, layers=drop
+    )
     student, teacher = load(tmp_path / "student"), load(ws / teacher_dir)
     assert student.config.num_key_value_heads == (2 if kv_heads == 4 else kv_heads)
     data = calibration(ws, teacher_dir)
     kept_heads, kept_mlp = reference_width(teacher, data, heads=2, intermediate=48)
+    kept = [i for i in range(4) if i not in (drop or [])]
+    kept_heads, kept_mlp = [kept_heads[i] for i in kept], [kept_mlp[i] for i in kept]
     assert report["heads"]["kept"] == [h.tolist() for h in kept_heads]
+    if drop:
+        types = ["full_attention", "sliding_attention", "sliding_attention"]
+        assert student.config.layer_types == types
+        teacher = skipping(teacher, drop)
     torch.testing.assert_close(
-        logits(student, data), logits(masked(teacher, kept_heads, kept_mlp), data)
+        logits(student, data), logits(masked(teacher, kept, kept_heads, kept_mlp), data)
     )
 
 

@@ -370,14 +370,23 @@ def _check_layout(model: nn.Module) -> None:
         ) from None
 
 
+class _Skipped(nn.Module):
+    """A decoder layer taken out of the forward: its input passes through. It stays in its
+    place, so the other layers keep their index (KV cache slot, Qwen2's per-layer mask)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
 def _perplexity_without(model: nn.Module, layer: int, data: BlockDataset, batch_size: int):
     """Calibration perplexity of ``model`` with one layer skipped."""
     layers = model.model.layers
-    model.model.layers = nn.ModuleList(m for j, m in enumerate(layers) if j != layer)
+    original = layers[layer]
+    layers[layer] = _Skipped()
     try:
         return evaluate(model, data, batch_size=batch_size)["perplexity"]
     finally:
-        model.model.layers = layers
+        layers[layer] = original
 
 
 def _finite(x: float) -> float | None:
@@ -424,6 +433,51 @@ def _write(out: Path, student: nn.Module, tokenizer, report: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(out.parent)
+
+
+def _student(
+    teacher: transformers.PreTrainedModel,
+    shape: Shape,
+    kept: list[int],
+    embed: torch.Tensor,
+    per_layer: list[dict[str, torch.Tensor]],
+) -> transformers.PreTrainedModel:
+    """A model of ``shape`` holding the kept slices of the teacher's weights: layers ``kept``,
+    embedding channels ``embed``, per kept layer its query heads "Q", KV heads "KV" and MLP
+    channels "C"."""
+    config = teacher.config.to_dict()
+    changes = {
+        "num_hidden_layers": shape.layers,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,  # no longer hidden_size / heads
+    }
+    if isinstance(config.get("layer_types"), list):  # e.g. Qwen2's sliding-window layers
+        changes["layer_types"] = [config["layer_types"][i] for i in kept]
+    config = type(teacher.config).from_dict({**config, **changes})
+    device = next(teacher.parameters()).device
+    with no_init_weights(), device:  # every weight is copied below
+        student = transformers.AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    source = teacher.state_dict()
+    state = {}
+    for name in student.state_dict():
+        index = {"E": embed}
+        source_name = name
+        if name.startswith("model.layers."):
+            _, _, k, rest = name.split(".", 3)
+            layer = per_layer[int(k)]
+            source_name = f"model.layers.{kept[int(k)]}.{rest}"
+            index.update(
+                Q=_rows(layer["Q"], shape.head_dim),
+                KV=_rows(layer["KV"], shape.head_dim),
+                C=layer["C"],
+            )
+        state[name] = _sliced(source_name, source[source_name], index)
+    student.load_state_dict(state, strict=True)
+    student.generation_config = teacher.generation_config
+    return student
 
 
 def prune(
@@ -495,6 +549,8 @@ def prune(
 
     model = load_model(teacher)
     _check_layout(model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     source = Shape.of(model.config.to_dict())
     importance = calibration_importance(model, input_ids, batch_size)
     before = evaluate(model, data, batch_size=batch_size)
@@ -509,44 +565,13 @@ def prune(
     else:
         kept = [i for i in range(source.layers) if i not in drop]
 
-    embed = _top(importance.hidden(kept), shape.hidden)
+    hidden_importance = importance.hidden(kept)
+    embed = _top(hidden_importance, shape.hidden)
     per_layer = []
     for i in kept:
         query, kv = _kept_heads(importance.heads[i], source, shape)
-        mlp = _top(importance.mlp[i], shape.intermediate)
-        per_layer.append({"Q": query, "KV": kv, "C": mlp})
-
-    changes = {
-        "num_hidden_layers": shape.layers,
-        "hidden_size": shape.hidden,
-        "intermediate_size": shape.intermediate,
-        "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads,
-        "head_dim": shape.head_dim,  # not hidden / heads any more
-    }
-    student_config = model.config.to_dict()
-    if isinstance(student_config.get("layer_types"), list):
-        changes["layer_types"] = [student_config["layer_types"][i] for i in kept]
-    student_config = type(model.config).from_dict({**student_config, **changes})
-    with no_init_weights():  # every weight is copied below
-        student = transformers.AutoModelForCausalLM.from_config(student_config, dtype=model.dtype)
-    teacher_state = model.state_dict()
-    state = {}
-    for name in student.state_dict():
-        index = {"E": embed}
-        source_name = name
-        if name.startswith("model.layers."):
-            _, _, k, rest = name.split(".", 3)
-            layer = per_layer[int(k)]
-            source_name = f"model.layers.{kept[int(k)]}.{rest}"
-            index.update(
-                Q=_rows(layer["Q"], shape.head_dim),
-                KV=_rows(layer["KV"], shape.head_dim),
-                C=layer["C"],
-            )
-        state[name] = _sliced(source_name, teacher_state[source_name], index)
-    student.load_state_dict(state, strict=True)
-    student.generation_config = model.generation_config
+        per_layer.append({"Q": query, "KV": kv, "C": _top(importance.mlp[i], shape.intermediate)})
+    student = _student(model, shape, kept, embed, per_layer)
     after = evaluate(student, data, batch_size=batch_size)
 
     report = {
@@ -564,7 +589,7 @@ def prune(
             "block_influence": _floats(importance.block_influence),
             "perplexity_without": None if without is None else [_finite(p) for p in without],
         },
-        "hidden": {"kept": embed.tolist(), "importance": _floats(importance.hidden(kept))},
+        "hidden": {"kept": embed.tolist(), "importance": _floats(hidden_importance)},
         "heads": {
             "kept": [layer["Q"].tolist() for layer in per_layer],
             "kv_kept": [layer["KV"].tolist() for layer in per_layer],
