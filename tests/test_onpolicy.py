@@ -416,3 +416,29 @@ def test_cli_flags_parse_and_train(ws, tmp_path, capsys):
     assert math.isfinite(json.loads((out / "eval.json").read_text())["perplexity"])
     assert main([str(a) for a in [*argv[:-4], "--on_policy_fraction", 2]]) == 2
     assert "on_policy_fraction must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_a_row_ends_at_its_first_eos(ws):
+    tok = ws.tokenizer
+    config = DistillConfig(on_policy_fraction=1.0, prompt_tokens=PROMPT, max_new_tokens=5)
+    distiller = Distiller(tiny_llama(tok, seed=1), tiny_llama(tok, seed=0), config)
+    eos = torch.tensor([tok.eos_token_id])
+    # The second row's third new token is an eos; then the row would go on.
+    calls = []
+
+    def third_is_eos(module, args, output):
+        calls.append(None)
+        if len(calls) == 3:
+            output[1:, -1] = output[1:, -1].index_fill(-1, eos, 1e4)
+        return output
+
+    distiller.student.lm_head.register_forward_hook(third_is_eos)
+    batch = onpolicy.generated_batch(distiller, {"input_ids": ws.train.input_ids[:2]}, seed=2)
+    assert batch["input_ids"].shape == (2, PROMPT + 5)
+    assert batch["input_ids"][1, PROMPT + 2] == tok.eos_token_id
+    assert batch["attention_mask"][1].tolist() == [1] * (PROMPT + 3) + [0, 0]
+    assert batch["labels"][1, PROMPT + 2] == tok.eos_token_id  # the eos is a target
+    assert (batch["labels"][1, PROMPT + 3 :] == -100).all()
+    first = (batch["input_ids"][0, PROMPT:] == tok.eos_token_id).nonzero()
+    kept = int(first[0]) + 1 if len(first) else 5
+    assert int(batch["attention_mask"][0].sum()) == PROMPT + kept
