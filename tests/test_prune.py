@@ -1,9 +1,11 @@
 """``fastkd prune``: the student loads with the asked shapes and, pruned from a trained teacher,
-has a calibration perplexity far below a random init of its shape; depth pruning drops the
-layers of lowest block influence (or the given ones) and copies the others exactly; width
-pruning keeps the heads and channels of highest activation, equal to the teacher with the others
-masked out (Llama GQA, Qwen2 biases, Qwen3 q/k norms, Mistral MHA); tied embeddings stay tied;
-bad targets are errors before any weight loads; a failed save leaves no output."""
+has a calibration perplexity far below a random init of its shape and below students whose
+layers, heads and channels were chosen at random; depth pruning drops the layers of lowest block
+influence (or the given ones) and copies the others exactly; width pruning keeps the heads and
+channels of highest activation, equal to the teacher with the others masked out (Llama GQA, Qwen2
+biases and sliding-window layers, Qwen3 q/k norms, Mistral MHA); embedding channels follow the
+norms and tied embeddings stay tied; a bf16 teacher gives a bf16 student; bad targets and inputs
+are errors before any weight loads; a failed save leaves no output; the command line."""
 
 from __future__ import annotations
 
@@ -146,6 +148,38 @@ def test_the_student_loads_with_the_asked_shapes_and_beats_a_random_init(ws, tmp
     )
     assert teacher < pruned < random / 3
     assert report["parameters"]["student"] == sum(p.numel() for p in student.parameters())
+
+
+def test_pruning_by_importance_beats_a_random_choice_of_the_same_shape(ws, tmp_path, monkeypatch):
+    targets = {"layers": 3, "hidden": 48, "intermediate": 64, "heads": 2}
+    chosen = run(ws, tmp_path / "chosen", **targets)["calibration"]["perplexity_after"]
+    for seed in range(3):  # every layer, head and channel choice drawn at random instead
+        g = torch.Generator().manual_seed(seed)
+        monkeypatch.setattr(
+            prune_module,
+            "_top",
+            lambda s, k, g=g: torch.randperm(len(s), generator=g)[:k].sort()[0],
+        )
+        random = run(ws, tmp_path / f"random{seed}", **targets)
+        assert chosen < random["calibration"]["perplexity_after"]
+
+
+def test_a_bf16_teacher_gives_a_bf16_student(ws, tmp_path):
+    load(ws / "teacher").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    load_tokenizer(ws / "teacher").save_pretrained(tmp_path / "bf16")
+    report = prune(
+        tmp_path / "bf16",
+        tmp_path / "student",
+        calibration=ws / "calib.txt",
+        hidden=48,
+        block_size=BLOCK,
+        max_blocks=BLOCKS,
+    )
+    student = load(tmp_path / "student")
+    assert student.dtype == torch.bfloat16
+    assert (
+        report["calibration"]["perplexity_after"] < 2 * report["calibration"]["perplexity_before"]
+    )
 
 
 def test_depth_pruning_drops_the_layers_of_lowest_block_influence(ws, tmp_path):
@@ -400,6 +434,15 @@ def test_bad_inputs_are_errors_before_any_weight_loads(ws, tmp_path, monkeypatch
         attempt(calib=tmp_path / "short.txt")
     with pytest.raises(FileNotFoundError, match="no such file"):
         attempt(calib=tmp_path / "missing.txt")
+    text = (ws / "calib.txt").read_text()
+    big = train_tokenizer([text], 600)  # ids beyond the teacher's 300-odd embeddings
+    big.save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match=r"holds token id \d+ but the teacher embeds only"):
+        prune(ws / "teacher", tmp_path / "out", calibration=ws / "calib.txt", layers=2,
+              block_size=BLOCK, tokenizer=tmp_path / "big")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        prune(ws / "teacher", tmp_path / "out", calibration=ws / "calib.txt", layers=2,
+              tokenizer=tmp_path / "full")  # fmt: skip
 
 
 def test_a_failed_save_leaves_no_output(ws, tmp_path, monkeypatch):
