@@ -416,6 +416,9 @@ def test_cli_flags_parse_and_train(ws, tmp_path, capsys):
     assert math.isfinite(json.loads((out / "eval.json").read_text())["perplexity"])
     assert main([str(a) for a in [*argv[:-4], "--on_policy_fraction", 2]]) == 2
     assert "on_policy_fraction must be in [0, 1]" in capsys.readouterr().err
+    # Checked before any model loads: the prompt must leave room in a block.
+    assert main([str(a) for a in [*argv, "--prompt_tokens", BLOCK]]) == 2
+    assert f"--prompt_tokens {BLOCK} must be < --block_size {BLOCK}" in capsys.readouterr().err
 
 
 def test_a_row_ends_at_its_first_eos(ws):

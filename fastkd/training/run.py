@@ -119,6 +119,12 @@ def check_run(run: RunArguments, config: DistillConfig, args: transformers.Train
         raise ValueError("--data is required")
     if not Path(run.data).exists():
         raise FileNotFoundError(f"--data {run.data}: no such file or directory")
+    prompt = config.prompt_tokens
+    if config.on_policy_fraction > 0 and prompt is not None and prompt >= run.block_size:
+        raise ValueError(
+            f"--prompt_tokens {prompt} must be < --block_size {run.block_size}: the prompt must "
+            "leave room for the continuation"
+        )
     if run.tokenizer is not None and not has_tokenizer(run.tokenizer):
         raise FileNotFoundError(f"--tokenizer {run.tokenizer}: no tokenizer files there")
     weights = config.teacher_weights
