@@ -91,7 +91,7 @@ def design() -> str:
 
 
 def test_sections_are_the_fixed_ones(design):
-    assert list(sections(design)) == list(range(1, 12))
+    assert list(sections(design)) == list(range(1, 13))
 
 
 def test_design_references_name_existing_sections(design):

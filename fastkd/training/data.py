@@ -44,7 +44,7 @@ Record = dict[str, str]
 
 class SpanWeights(NamedTuple):
     """Loss weights of the two spans of a response (rationale distillation, docs/design.md
-    §10): the tokens before the first ``marker`` in the response text weigh ``rationale``;
+    §12): the tokens before the first ``marker`` in the response text weigh ``rationale``;
     a token that overlaps the marker or follows it, and the record's eos, weigh ``answer``.
     A response without the marker is all answer."""
 

@@ -1,5 +1,5 @@
 """``fastkd generate``: a teacher's responses to prompts, as training records for a student
-(sequence-level KD, and rationale distillation with a prompt template; docs/design.md §10).
+(sequence-level KD, and rationale distillation with a prompt template; docs/design.md §12).
 
 Output: JSON lines ``{"prompt": str, "response": str, "sample": j}``, prompt-major (prompt i's
 samples j = 0..K-1 in order), readable by ``fastkd.training.data.read_records`` (the extra key

@@ -1,7 +1,7 @@
 """On-policy distillation (GKD, MiniLLM) and sequence-level KD: a share of the training
 batches is replaced by continuations that the student (or, with ``seq_kd``, the teacher)
 generates from the batch's prompts, so the student learns on the text it produces rather than
-only on the data's (docs/design.md §10).
+only on the data's (docs/design.md §12).
 
 Per training micro-batch, ``OnPolicy`` draws whether it is replaced, with probability
 ``DistillConfig.on_policy_fraction``; a replaced batch is ``generated_batch``'s: the first
