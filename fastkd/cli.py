@@ -412,7 +412,12 @@ def prune_parser() -> argparse.ArgumentParser:
         help="calibration blocks used, the first ones (default 64)",
     )
     parser.add_argument(
-        "--batch-size", "--batch_size", type=int, default=8, help="blocks per forward (default 8)"
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=8,
+        metavar="B",
+        help="blocks per forward (default 8)",
     )
     parser.add_argument(
         "--tokenizer", metavar="DIR", help="tokenizer directory (default: the teacher's)"

@@ -488,3 +488,19 @@ def test_cli(ws, tmp_path, capsys):
             main([str(a) for a in [*base, "--out", tmp_path / "c", *bad]])
         assert exit_.value.code == 2
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_pruned_student_distils(ws, tmp_path):
+    run(ws, tmp_path / "student", layers=2, hidden=32)
+    argv = [
+        "distill",
+        "--teacher", ws / "teacher",
+        "--student", tmp_path / "student",
+        "--data", ws / "calib.txt",
+        "--out", tmp_path / "distilled",
+        "--max-steps", 2,
+        "--batch-size", 2,
+        "--block-size", BLOCK,
+    ]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert load(tmp_path / "distilled").config.num_hidden_layers == 2

@@ -1,7 +1,7 @@
 """A student made from the teacher by pruning (Minitron): drop whole layers (depth) and keep the
 most important MLP channels, attention heads and embedding channels (width), ranked by their
 activations on calibration text, then copy the kept slices of the teacher's weights into a model
-of the smaller shape (docs/design.md §10).
+of the smaller shape (docs/design.md §12).
 
 Depth: the block influence of layer i is ``1 - cos(x_i, x_{i+1})`` (its input and output hidden
 states), averaged over the calibration tokens; ``layers=L`` keeps the L layers of highest
@@ -302,8 +302,9 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
-# Per parameter (the part of its name after "model.layers.N."), which index each dimension keeps:
-# E embedding channels, Q query-head rows, KV key/value-head rows, C MLP channels; "" = all.
+# Per parameter (in a layer: its name after "model.layers.N."), the indices each dimension keeps:
+# E embedding channels, Q query-head rows, KV key/value-head rows, C MLP channels; ":" keeps a
+# dimension whole, "" the whole parameter.
 _LAYER_SLICES = {
     "input_layernorm.weight": "E",
     "post_attention_layernorm.weight": "E",
@@ -333,7 +334,7 @@ _MODEL_SLICES = {
 
 def _sliced(name: str, tensor: torch.Tensor, index: dict[str, torch.Tensor]) -> torch.Tensor:
     """The part of a teacher parameter that the student keeps (``index``: the kept indices
-    named as in ``_LAYER_SLICES``, ":" keeps a dimension whole)."""
+    by the letters of ``_LAYER_SLICES``)."""
     if name.startswith("model.layers."):
         spec = _LAYER_SLICES.get(name.split(".", 3)[3])
     else:
@@ -494,7 +495,8 @@ def prune(
     batch_size: int = 8,
     tokenizer: str | os.PathLike | None = None,
 ) -> dict:
-    """Prune a teacher into a smaller model of the same architecture (module docstring).
+    """Prune a teacher into a smaller model of the same architecture (module docstring), on
+    the GPU when CUDA is available.
 
     Args:
         teacher: model directory of a Llama, Mistral, Qwen2 or Qwen3 causal LM.
