@@ -10,6 +10,9 @@ are errors before any weight loads; a failed save leaves no output; the command 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -445,11 +448,9 @@ def test_bad_inputs_are_errors_before_any_weight_loads(ws, tmp_path, monkeypatch
               tokenizer=tmp_path / "full")  # fmt: skip
 
 
-def test_a_failed_save_leaves_no_output(ws, tmp_path, monkeypatch):
+def test_a_failed_or_killed_save_leaves_no_output(ws, tmp_path, monkeypatch):
     out = tmp_path / "student"
-    stale = tmp_path / f".student{TMP_SUFFIX}"  # what a killed prune leaves behind
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"half")
+    tmp = tmp_path / f".student{TMP_SUFFIX}"
 
     def fail(self, *args, **kwargs):
         raise RuntimeError("disk full")
@@ -458,12 +459,27 @@ def test_a_failed_save_leaves_no_output(ws, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         run(ws, out, layers=3)
-    assert not out.exists() and not stale.exists()
+    assert not out.exists() and not tmp.exists()
     monkeypatch.undo()
-    out.mkdir()  # an empty directory is taken
+
+    # SIGKILLed at the same point: the temporary directory stays, out does not exist
+    code = (
+        "import os, signal, transformers\n"
+        "from fastkd.training.prune import prune\n"
+        "def killed(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "transformers.PreTrainedTokenizerBase.save_pretrained = killed\n"
+        f"prune({str(ws / 'teacher')!r}, {str(out)!r}, calibration={str(ws / 'calib.txt')!r}, "
+        f"layers=3, block_size={BLOCK}, max_blocks=8)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    assert not out.exists() and (tmp / "model.safetensors").is_file()
+
+    out.mkdir()  # an empty directory is taken; the killed run's leftovers are cleared
     run(ws, out, layers=3)
     assert load(out).config.num_hidden_layers == 3
-    assert not stale.exists()
+    assert not tmp.exists()
 
 
 def test_cli(ws, tmp_path, capsys):
