@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from fastkd.training.data import has_tokenizer, load_tokenizer
-from fastkd.training.teacher_cache import _atomic_write, teacher_fingerprint, tokenizer_fingerprint
+from fastkd.training.files import atomic_write
+from fastkd.training.teacher_cache import teacher_fingerprint, tokenizer_fingerprint
 
 FORMAT = "fastkd-generate"
 VERSION = 1
@@ -288,7 +289,7 @@ def generate(
     if done == total:
         return total
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(meta_file, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(meta_file, (json.dumps(meta, indent=1) + "\n").encode())
 
     from tqdm.auto import tqdm
 

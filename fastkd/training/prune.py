@@ -45,6 +45,7 @@ from transformers.initialization import no_init_weights
 
 from fastkd.training.data import BlockDataset, has_tokenizer, load_tokenizer, pack, read_records
 from fastkd.training.evaluate import evaluate
+from fastkd.training.files import publish
 from fastkd.training.models import describe, load_model
 
 # Decoders laid out as model.layers[i].self_attn.{q,k,v,o}_proj, .mlp.{gate,up,down}_proj with
@@ -410,9 +411,7 @@ def _check_out(out: Path) -> None:
 
 def _write(out: Path, student: nn.Module, tokenizer, report: dict) -> None:
     """Save the student, its tokenizer and the report into a temporary directory beside
-    ``out``, flush every file to disk and rename the directory to ``out``."""
-    from fastkd.training.teacher_cache import _fsync_dir
-
+    ``out`` and publish it as ``out`` (``files.publish``: flushed, then one rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}{TMP_SUFFIX}")
     if tmp.exists():  # left by a killed prune into the same out
@@ -422,18 +421,10 @@ def _write(out: Path, student: nn.Module, tokenizer, report: dict) -> None:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if out.exists():  # an empty directory (checked up front); rename needs it gone
-            out.rmdir()
-        os.replace(tmp, out)
+        publish(tmp, out)  # out, if it exists, is empty (checked up front)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
 
 
 def _student(

@@ -36,6 +36,7 @@ from fastkd.training.data import (
     read_records,
     tokenizer_difference,
 )
+from fastkd.training.files import TMP_SUFFIX, atomic_write
 from fastkd.training.models import CHUNK_ELEMENTS, Head, body, check_head, load_model
 
 FORMAT = "fastkd-teacher-cache"
@@ -339,9 +340,6 @@ class TeacherCache:
 
 # Shard size aimed at when --shard-blocks is not given (payload bytes).
 SHARD_BYTES = 256 << 20
-# Suffix of a shard or manifest being written; such a file is never read, and deleted by the
-# next run.
-TMP_SUFFIX = ".tmp"
 # Characters of the data on which --tokenizer and the teacher's own tokenizer must agree.
 SAMPLE_CHARS = 4000
 # Weight files a model directory may hold (what from_pretrained loads).
@@ -380,29 +378,9 @@ def teacher_fingerprint(teacher: str | os.PathLike) -> str:
     return _sha256_json({"config": config, "weights": [(p.name, _file_digest(p)) for p in files]})
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it exists only with all of ``data``: a temporary file in the same
-    directory, flushed to disk, renamed over ``path``, the directory entry flushed too."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_manifest(out: Path, manifest: dict) -> None:
     """Write ``out``/manifest.json atomically."""
-    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
 def write_shard(
@@ -429,7 +407,7 @@ def write_shard(
         },
         metadata=metadata,
     )
-    _atomic_write(out / shard_name(shard), data)
+    atomic_write(out / shard_name(shard), data)
 
 
 def bytes_per_token(top_k: int, dtype: str, id_dtype: str) -> int:
@@ -676,7 +654,9 @@ def build_cache(
         out.mkdir(parents=True, exist_ok=True)
         old = _existing(out, manifest)
         if rank == 0:
-            for tmp in out.glob(f"*{TMP_SUFFIX}"):  # left by a killed run: never read
+            # A shard or manifest being written (files.TMP_SUFFIX) when a run was killed:
+            # never read, deleted here.
+            for tmp in out.glob(f"*{TMP_SUFFIX}"):
                 tmp.unlink()
             if old is None or (old.get("complete") and _missing(out, manifest, shards)):
                 write_manifest(out, manifest)

@@ -37,6 +37,7 @@ from transformers.trainer import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, rotate_checkpoints
 
 from fastkd.training.distiller import DISTILL_PARTS, Distiller
+from fastkd.training.files import publish
 from fastkd.training.fsdp import is_sharded, shard_distiller
 from fastkd.training.onpolicy import OnPolicy
 
@@ -256,7 +257,7 @@ class DistillationTrainer(transformers.Trainer):
                 self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process wrote its RNG state
         if self.args.should_save:
-            _publish(staging / name, run_dir / name)
+            publish(staging / name, run_dir / name)  # the same step saved again: replaced
             staging.rmdir()
             rotate_checkpoints(
                 output_dir=str(run_dir),
@@ -284,30 +285,6 @@ def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's wrapper, which the DCP state-dict functions
     step (to create empty state) and load without the wrapper's device moves."""
     return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
-
-
-def _publish(src: Path, dst: Path) -> None:
-    """Make the complete directory ``src`` appear as ``dst`` in one rename, after its files
-    and then the rename itself are on disk."""
-    for path in sorted(src.rglob("*"), reverse=True):  # files before their directories
-        _fsync(path)
-    _fsync(src)
-    if dst.exists():  # the same step saved again: the older copy goes first
-        old = src.parent / f"{dst.name}.old"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
-    _fsync(dst.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _metrics(distiller: Distiller, user: Callable | None) -> Callable[[EvalPrediction], dict]:
