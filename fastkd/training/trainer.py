@@ -117,7 +117,7 @@ class DistillationTrainer(transformers.Trainer):
         self._staging: Path | None = None
         if distiller.distill_config.self_distillation == "ema":
             self.add_callback(_EMAUpdate(distiller))
-        # On-policy / sequence-level KD: generated training batches (docs/design.md §10).
+        # On-policy / sequence-level KD: generated training batches (docs/design.md §12).
         self.on_policy = None
         if distiller.distill_config.on_policy_fraction > 0:
             self.on_policy = OnPolicy(distiller, rank=args.process_index)
