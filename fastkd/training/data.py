@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,18 +91,22 @@ def _read_file(path: Path) -> list[Record]:
         return [{"text": text}]
     if path.suffix != ".jsonl":
         raise ValueError(f"{path}: unsupported suffix; accepted: {', '.join(RECORD_SUFFIXES)}")
-    records = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        records.append(_check_record(obj, f"{path}:{lineno}"))
+    records = [_check_record(obj, where) for where, obj in jsonl_objects(path)]
     if not records:
         raise ValueError(f"{path}: empty file (no records)")
     return records
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[str, object]]:
+    """(``"file:line"``, the parsed JSON) of each non-empty line of a UTF-8 ``.jsonl`` file;
+    ValueError naming the file (and line) for bytes that are not UTF-8 or invalid JSON."""
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            yield f"{path}:{lineno}", obj
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:

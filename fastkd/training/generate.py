@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastkd.training.data import has_tokenizer, load_tokenizer
+from fastkd.training.data import has_tokenizer, jsonl_objects, load_tokenizer
 from fastkd.training.files import atomic_write
 from fastkd.training.teacher_cache import teacher_fingerprint, tokenizer_fingerprint
 
@@ -64,20 +64,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts {path}: not valid UTF-8 ({e})") from e
     prompts = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+    for where, obj in jsonl_objects(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise ValueError(f'{path}:{lineno}: expected an object with a string "prompt" field')
+            raise ValueError(f'{where}: expected an object with a string "prompt" field')
         prompts.append(obj["prompt"])
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts")
