@@ -197,6 +197,7 @@ _DELETE = object()
         ("corpus_bytes", 1000, "corpus_bytes applies to data: demo only"),
         ("prompts.max_new_tokens", 30, "exceed block_size 32"),
         ("prompts.temperature", -1, "prompts.temperature must be a number >= 0"),
+        ("prompts.top_p", 0, r"prompts.top_p must be in \(0, 1\]"),
         ("student.sizes.num_attention_heads", 5, "not a multiple of num_attention_heads"),
         ("student.sizes", {"hidden_size": 24}, r"student.sizes: missing \["),
         ("teacher.dir", "models/t", "either dir .* or sizes"),
@@ -219,6 +220,15 @@ def test_study_file_errors(data_file, tmp_path):
     path.write_text(yaml.safe_dump({**tiny_study(data_file), "typo": 1}))
     with pytest.raises(ValueError, match=rf"{path}: unknown keys \['typo'\]"):
         load_study(path)
+
+
+def test_a_teacher_directory_round_trips(data_file, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    study = load_study({**tiny_study(data_file), "teacher": {"dir": str(tmp_path)}})
+    assert study.to_dict()["teacher"] == {"dir": str(tmp_path)}
+    assert load_study(study.to_dict()) == study
+    with pytest.raises(ValueError, match=r"teacher.dir is a trained teacher; drop \['steps'\]"):
+        load_study({**tiny_study(data_file), "teacher": {"dir": str(tmp_path), "steps": 5}})
 
 
 def test_pruned_init_must_reach_the_student(data_file):

@@ -144,13 +144,15 @@ class TeacherSpec:
 class PromptSpec:
     """Prompts are the first ``prompt_tokens`` tokens of blocks: ``count`` held-out blocks for
     ROUGE-L (greedy continuations of ``max_new_tokens``), ``train_count`` training blocks whose
-    continuations the teacher samples at ``temperature`` for ``data: generated``."""
+    continuations the teacher samples (``temperature``, ``top_p``; ``batch_size`` prompts per
+    ``generate`` call) for ``data: generated``."""
 
     count: int = 32
     prompt_tokens: int = 32
     max_new_tokens: int = 32
     train_count: int = 512
     temperature: float = 1.0
+    top_p: float = 1.0
     batch_size: int = 64
 
 
@@ -193,13 +195,17 @@ class Study:
 
     def to_dict(self) -> dict:
         """The study as a file would give it (every default filled in)."""
-        return {
+        study = {
             "seed": self.seed,
             "data": self.data,
             "corpus_bytes": self.corpus_bytes,
             "eval_fraction": self.eval_fraction,
             "block_size": self.block_size,
-            "teacher": {k: v for k, v in dataclasses.asdict(self.teacher).items() if v is not None},
+            "teacher": (
+                {"dir": self.teacher.dir}
+                if self.teacher.dir is not None
+                else {k: v for k, v in dataclasses.asdict(self.teacher).items() if k != "dir"}
+            ),
             "student": {"sizes": dict(self.student)},
             "steps": self.steps,
             "batch_size": self.batch_size,
@@ -210,6 +216,9 @@ class Study:
                 m.name: {**m.overrides, "init": m.init, "data": m.data} for m in self.methods
             },
         }
+        if self.data != "demo":
+            del study["corpus_bytes"]
+        return study
 
     def quick(self) -> Study:
         """A quarter of every budget (steps, prompts): a smoke run of the study's code paths,
@@ -378,10 +387,16 @@ def load_study(study: str | os.PathLike | dict) -> Study:
     )
     prompts = PromptSpec(
         **{
-            k: _int(f"{source}: prompts.{k}", v, 1) if k != "temperature" else v
+            k: v if k in ("temperature", "top_p") else _int(f"{source}: prompts.{k}", v, 1)
             for k, v in p.items()
         }
     )
+    if (
+        isinstance(prompts.top_p, bool)
+        or not isinstance(prompts.top_p, (int, float))
+        or not (0 < prompts.top_p <= 1)
+    ):
+        raise ValueError(f"{source}: prompts.top_p must be in (0, 1], got {prompts.top_p!r}")
     if (
         isinstance(prompts.temperature, bool)
         or not isinstance(prompts.temperature, (int, float))
@@ -574,6 +589,7 @@ def _generated_dataset(study: Study, tokenizer, train_ds: BlockDataset, work: Pa
         out,
         max_new_tokens=p.max_new_tokens,
         temperature=p.temperature,
+        top_p=p.top_p,
         seed=study.seed,
         batch_size=p.batch_size,
     )
@@ -707,6 +723,14 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
     held_out_prompts = eval_ds.input_ids[: p.count, : p.prompt_tokens]
     reference = greedy_continuations(teacher, held_out_prompts, p.max_new_tokens, eos)
 
+    def texts(continuations: list[list[int]]) -> dict:
+        """What the greedy continuations look like: their mean length, the first one."""
+        lengths = [len(c) for c in continuations]
+        return {
+            "continuation_tokens": round(sum(lengths) / len(lengths), 2),
+            "first_continuation": tokenizer.decode(continuations[0]),
+        }
+
     transformers.set_seed(seed + 1)
     init = _llama(settings, study.student, tokenizer)  # every random-init method starts here
     init_dir = work / "student-init"
@@ -757,6 +781,7 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
             "train_seconds": round(seconds, 1),
             "generate_seconds": round(generate_seconds, 1) if m.data == "generated" else 0.0,
             "prune_seconds": round(prune_seconds, 1) if m.init == "pruned" else 0.0,
+            **texts(continuations),
         }
         if getattr(trainer, "on_policy", None) is not None:
             row["on_policy_batches"] = trainer.on_policy.generated
@@ -799,7 +824,9 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
         "teacher": {
             **teacher_row,
             "train_seconds": None if teacher_seconds is None else round(teacher_seconds, 1),
+            **texts(reference),
         },
+        "first_prompt": tokenizer.decode(held_out_prompts[0]),
         "rows": rows,
         "memory": (
             "step_peak_memory_mb: peak resident memory of one training step (forward, backward, "
