@@ -293,6 +293,8 @@ def test_every_method_end_to_end(data_file, tmp_path):
     assert len((work / "generated.jsonl").read_text().splitlines()) == 16
     assert rows["on_policy"]["on_policy_batches"] == study.steps
     assert rows["pruned"]["prune_seconds"] > 0 and (work / "pruned" / "config.json").is_file()
+    assert 1 < report["pruned_init"]["perplexity"] < 2 * 300
+    assert f"held-out ppl {report['pruned_init']['perplexity']:.2f}" in table
     assert not rows["hard"]["teacher_in_loss"] and not rows["seq_kd"]["teacher_in_loss"]
     # Same init, data, seed and batches: the hard-label student is reproducible.
     again = run_study(
