@@ -168,6 +168,9 @@ class PromptSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """One way to train the student: its loss (``config``, the study's seed), its start
+    (``init``) and its data (``data``)."""
+
     name: str
     config: DistillConfig
     overrides: dict  # the DistillConfig fields the study set, as written
@@ -182,12 +185,14 @@ class MethodSpec:
             c.alpha < 1
             or c.feature_weight > 0
             or c.attention_weight > 0
-            or getattr(c, "on_policy_fraction", 0.0) > 0
+            or c.on_policy_fraction > 0
         )
 
 
 @dataclass(frozen=True)
 class Study:
+    """A checked study (``load_study``); ``source`` names its file in error messages."""
+
     seed: int
     data: str
     corpus_bytes: int
@@ -613,16 +618,16 @@ def _memory_probe(spec: str):
     runs one training step (its Trainer over ``rows`` real blocks: forward, backward, AdamW)."""
     spec = json.loads(spec)
     config = DistillConfig(**spec["config"])
-    if getattr(config, "on_policy_fraction", 0.0) > 0:  # measure a generated batch's step
+    if config.on_policy_fraction > 0:  # measure a generated batch's step
         config = config.replace(on_policy_fraction=1.0)
     student = load_model(spec["student"])
     model = Distiller(student, load_model(spec["teacher"]), config) if spec["teacher"] else student
     blocks = torch.load(spec["blocks"])
-    scratch = tempfile.mkdtemp(prefix="fastkd-compare-memory-")
+    scratch = tempfile.TemporaryDirectory(prefix="fastkd-compare-memory-")  # gone at exit
 
     def step(rows: int) -> None:
         args = training_arguments(
-            scratch,
+            scratch.name,
             max_steps=1,
             batch_size=rows,
             learning_rate=1e-4,
