@@ -60,6 +60,7 @@ from fastkd.training.data import (
 from fastkd.training.demo import QUICK, _llama, check_output_dir
 from fastkd.training.distiller import Distiller
 from fastkd.training.evaluate import evaluate
+from fastkd.training.files import atomic_write, replace_file
 from fastkd.training.models import load_model
 from fastkd.training.run import training_arguments
 from fastkd.training.trainer import DistillationTrainer
@@ -817,18 +818,22 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
             f"ROUGE-L {row['rouge_l']:.3f}, {seconds:.0f} s"
         )
 
+    from fastkd.bench.harness import environment  # the benchmarks' record of the machine
+
+    env = environment()
     teacher_row = {k: round(v, 4) for k, v in teacher_metrics.items() if k != "tokens"}
     add_derived(rows, teacher_row, study.baseline)
     return {
         "study": study.to_dict(),
         "machine": {
+            "cpu": env["cpu"],
+            "torch_threads": env["cpu_threads"],
+            "gpu": env["gpu"],
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            k: env[k] for k in ("python", "torch", "transformers", "fastkd", "cuda", "commit")
+        },
         "seeds": {
             "split_and_batches": seed,
             "teacher_init": seed,
@@ -961,7 +966,7 @@ def markdown(report: dict) -> str:
     methods = "; ".join(f"{r['method']}: {_settings(r['settings'])}" for r in report["rows"])
     m, v = report["machine"], report["versions"]
     generated = f", {blocks['generated']} generated blocks" if blocks["generated"] else ""
-    device = f", {m['cuda']}" if m["cuda"] else ""
+    device = f", {m['gpu']}" if m["gpu"] else ""
     lines += [
         "",
         f"{study['steps']} steps of {study['batch_size']} blocks of {study['block_size']} "
@@ -979,8 +984,9 @@ def markdown(report: dict) -> str:
             if report["pruned_init"]
             else []
         ),
-        f"Machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch threads)"
-        f"{device}; torch {v['torch']}, transformers {v['transformers']}; the whole study "
+        f"Machine: {m['cpu']}, {m['torch_threads']} torch threads"
+        f"{device}; torch {v['torch']}, transformers {v['transformers']}, fastkd commit "
+        f"{v['commit']}; the whole study "
         f"{report['seconds']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"
@@ -1016,24 +1022,12 @@ def _plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _replace(path: Path, write) -> None:
-    """``write(tmp)`` then fsync and rename onto ``path``: never a half-written output."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(report: dict, out: Path) -> None:
     """compare.json, compare.md and compare.png in ``out`` (each written whole or not at all)."""
     out.mkdir(parents=True, exist_ok=True)
-    _replace(out / "compare.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    _replace(out / "compare.md", lambda p: p.write_text(markdown(report)))
-    _replace(out / "compare.png", lambda p: _plot(report, p))
+    atomic_write(out / "compare.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out / "compare.md", markdown(report).encode())
+    replace_file(out / "compare.png", lambda p: _plot(report, p))
 
 
 def summary(report: dict) -> str:
