@@ -472,7 +472,7 @@ def compare_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--demo",
         action="store_true",
-        help="the built-in study on the demo corpus (examples/compare.yaml; about 15 minutes "
+        help="the built-in study on the demo corpus (examples/compare.yaml; about 7 minutes "
         "on 2 CPU cores)",
     )
     parser.add_argument(
