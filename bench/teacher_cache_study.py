@@ -38,7 +38,7 @@ from fastkd.training.data import (
     stdlib_corpus,
     train_tokenizer,
 )
-from fastkd.training.demo import DEFAULT, QUICK, DemoSettings, _llama
+from fastkd.training.demo import DEFAULT, QUICK, DemoSettings, llama
 from fastkd.training.distiller import Distiller
 from fastkd.training.evaluate import evaluate
 from fastkd.training.run import training_arguments
@@ -150,7 +150,7 @@ def run_study(
         return timer.median()
 
     print(f"teacher: {settings.teacher_steps} steps", flush=True)
-    teacher = _llama(settings, settings.teacher, tokenizer)
+    teacher = llama(settings.teacher, tokenizer, settings.block_size)
     train(
         transformers.Trainer,
         teacher,
@@ -193,7 +193,7 @@ def run_study(
         }
 
     transformers.set_seed(seed + 1)
-    init = _llama(settings, settings.student, tokenizer)  # every student starts from it
+    init = llama(settings.student, tokenizer, settings.block_size)  # every student starts from it
     config = DistillConfig(temperature=settings.temperature, alpha=settings.alpha, seed=seed)
     rows = []
 

@@ -57,7 +57,7 @@ from fastkd.training.data import (
     stdlib_corpus,
     train_tokenizer,
 )
-from fastkd.training.demo import QUICK, _llama, check_output_dir
+from fastkd.training.demo import QUICK, check_output_dir, llama
 from fastkd.training.distiller import Distiller
 from fastkd.training.evaluate import evaluate
 from fastkd.training.files import atomic_write, replace_file
@@ -711,12 +711,11 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
         *pack(records, tokenizer, study.block_size), study.eval_fraction, seed
     )
     say(f"{len(train_ds)} training and {len(eval_ds)} held-out blocks of {study.block_size}")
-    settings = dataclasses.replace(QUICK, block_size=study.block_size)  # _llama reads block_size
 
     teacher_seconds = None
     if study.teacher.dir is None:
         say(f"teacher: Llama {study.teacher.sizes}, {study.teacher.steps} steps")
-        teacher = _llama(settings, study.teacher.sizes, tokenizer)
+        teacher = llama(study.teacher.sizes, tokenizer, study.block_size)
         _, teacher_seconds = _train(
             teacher,
             train_ds,
@@ -748,7 +747,7 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
         }
 
     transformers.set_seed(seed + 1)
-    init = _llama(settings, study.student, tokenizer)  # every random-init method starts here
+    init = llama(study.student, tokenizer, study.block_size)  # every random-init method starts here
     init_dir = work / "student-init"
     init.save_pretrained(init_dir)
     blocks = work / "memory-blocks.pt"

@@ -98,10 +98,12 @@ QUICK = DemoSettings(
 )
 
 
-def _llama(settings: DemoSettings, sizes: dict, tokenizer) -> transformers.LlamaForCausalLM:
+def llama(sizes: dict, tokenizer, block_size: int) -> transformers.LlamaForCausalLM:
+    """A freshly initialised Llama of ``sizes`` (config fields) for ``tokenizer``'s vocabulary
+    and blocks of ``block_size`` tokens, with untied embeddings (the demo's models)."""
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
-        max_position_embeddings=settings.block_size,
+        max_position_embeddings=block_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -253,7 +255,7 @@ def run_demo(
 
     with scratch:
         step(3, f"teacher: Llama {settings.teacher}, {settings.teacher_steps} steps")
-        teacher = _llama(settings, settings.teacher, tokenizer)
+        teacher = llama(settings.teacher, tokenizer, settings.block_size)
         _, teacher_curve = train_run(
             transformers.Trainer,
             teacher,
@@ -265,7 +267,7 @@ def run_demo(
         tokenizer.save_pretrained(out / "teacher")
 
         transformers.set_seed(seed + 1)
-        student = _llama(settings, settings.student, tokenizer)
+        student = llama(settings.student, tokenizer, settings.block_size)
         baseline = copy.deepcopy(student)  # same initialisation
         config = DistillConfig(temperature=settings.temperature, alpha=settings.alpha, seed=seed)
         step(
