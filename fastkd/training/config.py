@@ -366,7 +366,7 @@ def load_settings(path: str | Path) -> dict:
 
 
 def _check_generation(config: DistillConfig) -> None:
-    """The on-policy / sequence-level KD settings (docs/design.md §10)."""
+    """The on-policy / sequence-level KD settings (docs/design.md §12)."""
     for name in ("on_policy_fraction", "generation_temperature", "generation_top_p"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -405,7 +405,7 @@ def _choice(name: str, value, allowed: tuple) -> None:
 
 
 def _check_span_weights(config: DistillConfig) -> None:
-    """The rationale/answer span weights (docs/design.md §10)."""
+    """The rationale/answer span weights (docs/design.md §12)."""
     weights = {name: getattr(config, name) for name in ("rationale_weight", "answer_weight")}
     for name, value in weights.items():
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
