@@ -38,6 +38,7 @@ def test_module_settings_are_the_functions_less_per_call_tensors():
         "backend",
     ]
     assert list(inspect.signature(fastkd.FusedLinearKDLoss).parameters)[len(FIELDS) :] == [
+        "teacher_mixture",
         "chunk_size",
         "memory_budget",
         "shift_labels",
