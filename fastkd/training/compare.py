@@ -50,10 +50,10 @@ from fastkd.memory import peak_memory_bytes
 from fastkd.training.config import DistillConfig, load_settings
 from fastkd.training.data import (
     BlockDataset,
+    held_out_split,
     load_tokenizer,
     pack,
     read_records,
-    split_datasets,
     stdlib_corpus,
     train_tokenizer,
 )
@@ -707,8 +707,8 @@ def _run(study: Study, work: Path, memory: bool) -> dict:
         )
     else:
         tokenizer = load_tokenizer(study.teacher.dir)
-    train_ds, eval_ds = split_datasets(
-        *pack(records, tokenizer, study.block_size), study.eval_fraction, seed
+    train_ds, eval_ds = held_out_split(
+        records, tokenizer, study.block_size, study.eval_fraction, seed
     )
     say(f"{len(train_ds)} training and {len(eval_ds)} held-out blocks of {study.block_size}")
 
